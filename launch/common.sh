@@ -31,6 +31,14 @@ CONFIG=""
 WORKDIR=""
 PASSTHROUGH=()
 
+# Options of the scripts that run the job on this machine (tpu_vm.sh, gpu_single.sh), set by
+# `local_option`; gpu_slurm.sh and tpu_pod.sh set INSTALL (and VENV) with options of their own.
+FOREGROUND=0
+INSTALL=1
+VENV=.venv
+PYTHON_EXE=""
+LOG_FILE=""
+
 die() {
   echo "$SCRIPT_NAME: error: $*" >&2
   echo "Run '$SCRIPT_NAME --help' for the options." >&2
@@ -78,6 +86,11 @@ require_uint() {
   [[ $2 =~ ^[0-9]+$ ]] || die "option $1 needs a non-negative integer, got '$2'"
 }
 
+# require_fraction OPTION VALUE: a number in (0, 1], e.g. for XLA_PYTHON_CLIENT_MEM_FRACTION.
+require_fraction() {
+  [[ $2 =~ ^(0?\.[0-9]+|1(\.0*)?)$ ]] || die "$1 needs a number in (0, 1], got '$2'"
+}
+
 unknown_option() {
   case $1 in
     --config.* | --workdir* | --config=*)
@@ -97,6 +110,56 @@ set_job_option() {
     --config) CONFIG=$2 ;;
     --workdir) WORKDIR=$2 ;;
   esac
+}
+
+# parse_options HANDLER ARG...: the option loop of every script, after normalize_args. It
+# handles -h/--help, --job/--config/--workdir, --dry-run and '--'; any other option goes to
+# `HANDLER ARG...` (ARG... = the words left), which sets OPTION_WORDS to the number of words it
+# used, and leaves it 0 for an option it does not know (then unknown_option rejects it).
+parse_options() {
+  local handler=$1
+  shift
+  normalize_args "$@"
+  set -- "${NORMALIZED_ARGS[@]}"
+  while (($#)); do
+    case $1 in
+      -h | --help) usage; exit 0 ;;
+      --job | --config | --workdir) set_job_option "$1" "${2-}"; shift 2 ;;
+      --dry-run) DRY_RUN=1; shift ;;
+      --) shift; PASSTHROUGH=("$@"); break ;;
+      *)
+        OPTION_WORDS=0
+        "$handler" "$@"
+        ((OPTION_WORDS)) || unknown_option "$1"
+        shift "$OPTION_WORDS" ;;
+    esac
+  done
+}
+
+# local_option ARG...: a parse_options handler for the options of the scripts that run the job
+# on this machine (--foreground --log-file --venv --python --no-install).
+local_option() {
+  case $1 in
+    --foreground) FOREGROUND=1; OPTION_WORDS=1 ;;
+    --log-file) require_value "$1" "${2-}"; LOG_FILE=$2; OPTION_WORDS=2 ;;
+    --venv) require_value "$1" "${2-}"; VENV=$2; OPTION_WORDS=2 ;;
+    --python) require_value "$1" "${2-}"; PYTHON_EXE=$2; OPTION_WORDS=2 ;;
+    --no-install) INSTALL=0; OPTION_WORDS=1 ;;
+  esac
+}
+
+# The help lines of the options above (and --dry-run, -h), for the usage of those scripts.
+local_options_help() {
+  cat <<'EOF'
+  --foreground         wait for the job, output on the terminal as well as in the log;
+                       the job's exit status becomes this script's
+  --log-file PATH      log file, relative to the checkout (default logs/JOB-$(hostname).log)
+  --venv DIR           virtualenv to create and use (default .venv)
+  --python PATH        run with this interpreter instead of a virtualenv
+  --no-install         skip the install (venv + pip), run what is installed
+  --dry-run            print every command (prefixed '+ ') and run nothing
+  -h, --help           this help
+EOF
 }
 
 # Checks the combination of job options once parsing is done.
@@ -234,6 +297,27 @@ existing_python() {
   INSTALL_PYTHON=$venv/bin/python
 }
 
+# The checks after parse_options in the scripts that run the job on this machine; fills in
+# the default LOG_FILE.
+check_local_options() {
+  check_job_options
+  check_config_file
+  [[ -n $LOG_FILE ]] || LOG_FILE=$(default_log_file)
+}
+
+# prepare_local_run EXTRA: from the checkout, the install with EXTRA (or, with --no-install, the
+# existing interpreter), INSTALL_PYTHON set either way.
+prepare_local_run() {
+  ((DRY_RUN)) && echo "# $SCRIPT_NAME --dry-run: nothing below is executed"
+  print_line "cd $(quote_args "$REPO_ROOT")"
+  cd "$REPO_ROOT" || exit
+  if ((INSTALL)); then
+    local_install "$1" "$VENV" "$PYTHON_EXE"
+  else
+    existing_python "$VENV" "$PYTHON_EXE"
+  fi
+}
+
 # A previous background run of this job that is still alive, if any (pid on stdout).
 running_pid() {
   local pid_file=$1 pid
@@ -267,6 +351,12 @@ run_job_locally() {
     echo "$pid" >"$pid_file"
     log "started $JOB in the background: pid $pid, log $log_file (follow it with: tail -f $log_file)"
   fi
+}
+
+# Starts the job with INSTALL_PYTHON, per --foreground and --log-file (after prepare_local_run).
+start_local_job() {
+  job_argv "$INSTALL_PYTHON"
+  run_job_locally "$LOG_FILE" "$FOREGROUND" "${JOB_ARGV[@]}"
 }
 
 # gpu_xla_flags CURRENT: XLA_FLAGS with our GPU flag added unless the user already set it.

@@ -62,40 +62,32 @@ JOB_NAME=""
 SBATCH_ARGS=()
 PORT=12345
 MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.90}
-VENV=.venv
 LOG_DIR=logs
-INSTALL=1
+# --venv and --no-install set VENV and INSTALL, defined in common.sh.
+
+# parse_options handler: this script's own options.
+slurm_option() {
+  case $1 in
+    --nodes) require_value "$1" "${2-}"; require_uint "$1" "$2"; NODES=$2; OPTION_WORDS=2 ;;
+    --gpus-per-node) require_value "$1" "${2-}"; require_uint "$1" "$2"; GPUS_PER_NODE=$2; OPTION_WORDS=2 ;;
+    --time) require_value "$1" "${2-}"; TIME_LIMIT=$2; OPTION_WORDS=2 ;;
+    --partition) require_value "$1" "${2-}"; PARTITION=$2; OPTION_WORDS=2 ;;
+    --account) require_value "$1" "${2-}"; ACCOUNT=$2; OPTION_WORDS=2 ;;
+    --cpus-per-task) require_value "$1" "${2-}"; require_uint "$1" "$2"; CPUS_PER_TASK=$2; OPTION_WORDS=2 ;;
+    --job-name) require_value "$1" "${2-}"; JOB_NAME=$2; OPTION_WORDS=2 ;;
+    --sbatch-arg)
+      [[ -n ${2-} ]] || die "option $1 needs a value"
+      SBATCH_ARGS+=("$2"); OPTION_WORDS=2 ;;
+    --port) require_value "$1" "${2-}"; require_uint "$1" "$2"; PORT=$2; OPTION_WORDS=2 ;;
+    --mem-fraction) require_value "$1" "${2-}"; require_fraction "$1" "$2"; MEM_FRACTION=$2; OPTION_WORDS=2 ;;
+    --venv) require_value "$1" "${2-}"; VENV=$2; OPTION_WORDS=2 ;;
+    --log-dir) require_value "$1" "${2-}"; LOG_DIR=$2; OPTION_WORDS=2 ;;
+    --no-install) INSTALL=0; OPTION_WORDS=1 ;;
+  esac
+}
 
 parse_args() {
-  normalize_args "$@"
-  set -- "${NORMALIZED_ARGS[@]}"
-  while (($#)); do
-    case $1 in
-      -h | --help) usage; exit 0 ;;
-      --job | --config | --workdir) set_job_option "$1" "${2-}"; shift 2 ;;
-      --nodes) require_value "$1" "${2-}"; require_uint "$1" "$2"; NODES=$2; shift 2 ;;
-      --gpus-per-node) require_value "$1" "${2-}"; require_uint "$1" "$2"; GPUS_PER_NODE=$2; shift 2 ;;
-      --time) require_value "$1" "${2-}"; TIME_LIMIT=$2; shift 2 ;;
-      --partition) require_value "$1" "${2-}"; PARTITION=$2; shift 2 ;;
-      --account) require_value "$1" "${2-}"; ACCOUNT=$2; shift 2 ;;
-      --cpus-per-task) require_value "$1" "${2-}"; require_uint "$1" "$2"; CPUS_PER_TASK=$2; shift 2 ;;
-      --job-name) require_value "$1" "${2-}"; JOB_NAME=$2; shift 2 ;;
-      --sbatch-arg)
-        [[ -n ${2-} ]] || die "option $1 needs a value"
-        SBATCH_ARGS+=("$2"); shift 2 ;;
-      --port) require_value "$1" "${2-}"; require_uint "$1" "$2"; PORT=$2; shift 2 ;;
-      --mem-fraction)
-        require_value "$1" "${2-}"
-        [[ $2 =~ ^(0?\.[0-9]+|1(\.0*)?)$ ]] || die "--mem-fraction needs a number in (0, 1], got '$2'"
-        MEM_FRACTION=$2; shift 2 ;;
-      --venv) require_value "$1" "${2-}"; VENV=$2; shift 2 ;;
-      --log-dir) require_value "$1" "${2-}"; LOG_DIR=$2; shift 2 ;;
-      --no-install) INSTALL=0; shift ;;
-      --dry-run) DRY_RUN=1; shift ;;
-      --) shift; PASSTHROUGH=("$@"); break ;;
-      *) unknown_option "$1" ;;
-    esac
-  done
+  parse_options slurm_option "$@"
   check_job_options
   check_config_file
   ((NODES >= 1)) || die "--nodes must be at least 1"

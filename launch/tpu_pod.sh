@@ -75,38 +75,34 @@ DELETE_AFTER=0
 REPO_URL=""
 BRANCH=main
 REMOTE_DIR=stablerep-jax
-INSTALL=1
 RETRIES=0
 RETRY_WAIT=60
+# --no-install sets INSTALL, defined in common.sh.
+
+# parse_options handler: this script's own options.
+pod_option() {
+  case $1 in
+    --name) require_value "$1" "${2-}"; NAME=$2; OPTION_WORDS=2 ;;
+    --zone) require_value "$1" "${2-}"; ZONE=$2; OPTION_WORDS=2 ;;
+    --project) require_value "$1" "${2-}"; PROJECT=$2; OPTION_WORDS=2 ;;
+    --create) CREATE=1; OPTION_WORDS=1 ;;
+    --accelerator-type) require_value "$1" "${2-}"; ACCELERATOR_TYPE=$2; OPTION_WORDS=2 ;;
+    --version) require_value "$1" "${2-}"; TPU_VERSION=$2; OPTION_WORDS=2 ;;
+    --spot | --preemptible)
+      [[ -z $PROVISIONING || $PROVISIONING == "$1" ]] || die "--spot and --preemptible exclude each other"
+      PROVISIONING=$1; OPTION_WORDS=1 ;;
+    --delete-after) DELETE_AFTER=1; OPTION_WORDS=1 ;;
+    --repo-url) require_value "$1" "${2-}"; REPO_URL=$2; OPTION_WORDS=2 ;;
+    --branch) require_value "$1" "${2-}"; BRANCH=$2; OPTION_WORDS=2 ;;
+    --remote-dir) require_value "$1" "${2-}"; REMOTE_DIR=$2; OPTION_WORDS=2 ;;
+    --no-install) INSTALL=0; OPTION_WORDS=1 ;;
+    --retries) require_value "$1" "${2-}"; require_uint "$1" "$2"; RETRIES=$2; OPTION_WORDS=2 ;;
+    --retry-wait) require_value "$1" "${2-}"; require_uint "$1" "$2"; RETRY_WAIT=$2; OPTION_WORDS=2 ;;
+  esac
+}
 
 parse_args() {
-  normalize_args "$@"
-  set -- "${NORMALIZED_ARGS[@]}"
-  while (($#)); do
-    case $1 in
-      -h | --help) usage; exit 0 ;;
-      --job | --config | --workdir) set_job_option "$1" "${2-}"; shift 2 ;;
-      --name) require_value "$1" "${2-}"; NAME=$2; shift 2 ;;
-      --zone) require_value "$1" "${2-}"; ZONE=$2; shift 2 ;;
-      --project) require_value "$1" "${2-}"; PROJECT=$2; shift 2 ;;
-      --create) CREATE=1; shift ;;
-      --accelerator-type) require_value "$1" "${2-}"; ACCELERATOR_TYPE=$2; shift 2 ;;
-      --version) require_value "$1" "${2-}"; TPU_VERSION=$2; shift 2 ;;
-      --spot | --preemptible)
-        [[ -z $PROVISIONING || $PROVISIONING == "$1" ]] || die "--spot and --preemptible exclude each other"
-        PROVISIONING=$1; shift ;;
-      --delete-after) DELETE_AFTER=1; shift ;;
-      --repo-url) require_value "$1" "${2-}"; REPO_URL=$2; shift 2 ;;
-      --branch) require_value "$1" "${2-}"; BRANCH=$2; shift 2 ;;
-      --remote-dir) require_value "$1" "${2-}"; REMOTE_DIR=$2; shift 2 ;;
-      --no-install) INSTALL=0; shift ;;
-      --retries) require_value "$1" "${2-}"; require_uint "$1" "$2"; RETRIES=$2; shift 2 ;;
-      --retry-wait) require_value "$1" "${2-}"; require_uint "$1" "$2"; RETRY_WAIT=$2; shift 2 ;;
-      --dry-run) DRY_RUN=1; shift ;;
-      --) shift; PASSTHROUGH=("$@"); break ;;
-      *) unknown_option "$1" ;;
-    esac
-  done
+  parse_options pod_option "$@"
   [[ -n $NAME ]] || die "missing required option --name (the TPU VM name)"
   [[ $NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || die "--name '$NAME' is not a valid TPU name (lowercase letters, digits, '-')"
   [[ -n $ZONE ]] || die "missing required option --zone (e.g. us-central2-b)"

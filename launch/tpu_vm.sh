@@ -22,14 +22,7 @@ Job:
   -- JOB_FLAGS...      everything after '--' goes to the job, e.g. --config.batch_size=512
 
 Options:
-  --foreground         wait for the job, output on the terminal as well as in the log;
-                       the job's exit status becomes this script's
-  --log-file PATH      log file, relative to the checkout (default logs/JOB-\$(hostname).log)
-  --venv DIR           virtualenv to create and use (default .venv)
-  --python PATH        run with this interpreter instead of a virtualenv
-  --no-install         skip the install (venv + pip), run what is installed
-  --dry-run            print every command (prefixed '+ ') and run nothing
-  -h, --help           this help
+$(local_options_help)
 
 Example:
   $SCRIPT_NAME --job train --config configs/stablerep.py:vit_b16_cc12m_1x \\
@@ -38,37 +31,10 @@ EOF
 }
 
 main() {
-  local foreground=0 install=1 venv=.venv python="" log_file=""
-  normalize_args "$@"
-  set -- "${NORMALIZED_ARGS[@]}"
-  while (($#)); do
-    case $1 in
-      -h | --help) usage; exit 0 ;;
-      --job | --config | --workdir) set_job_option "$1" "${2-}"; shift 2 ;;
-      --foreground) foreground=1; shift ;;
-      --log-file) require_value "$1" "${2-}"; log_file=$2; shift 2 ;;
-      --venv) require_value "$1" "${2-}"; venv=$2; shift 2 ;;
-      --python) require_value "$1" "${2-}"; python=$2; shift 2 ;;
-      --no-install) install=0; shift ;;
-      --dry-run) DRY_RUN=1; shift ;;
-      --) shift; PASSTHROUGH=("$@"); break ;;
-      *) unknown_option "$1" ;;
-    esac
-  done
-  check_job_options
-  check_config_file
-  [[ -n $log_file ]] || log_file=$(default_log_file)
-
-  ((DRY_RUN)) && echo "# $SCRIPT_NAME --dry-run: nothing below is executed"
-  print_line "cd $(quote_args "$REPO_ROOT")"
-  cd "$REPO_ROOT"
-  if ((install)); then
-    local_install tpu "$venv" "$python"
-  else
-    existing_python "$venv" "$python"
-  fi
-  job_argv "$INSTALL_PYTHON"
-  run_job_locally "$log_file" "$foreground" "${JOB_ARGV[@]}"
+  parse_options local_option "$@"
+  check_local_options
+  prepare_local_run tpu
+  start_local_job
 }
 
 main "$@"
