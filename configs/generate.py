@@ -3,7 +3,7 @@ r"""Synthetic images for StableRep: K images per caption with Flax Stable Diffus
 Run (one host, all local devices; the same command on every host of a TPU pod):
 
   python -m stablerep_jax.generate --config=configs/generate.py:sd15 \
-      --config.captions=/data/cc12m/captions.txt --config.output_dir=/mnt/bucket/cc12m_syn
+      --config.captions=/data/cc12m/captions.txt --config.output_dir=gs://BUCKET/cc12m_syn
 
 Presets:
   sd15        the paper's setting: SD v1.5, DDIM 50 steps, guidance 2.0, 512x512 saved at 256 as

@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 1000      # steps; a final checkpoint is always written
     c.keep_checkpoints = 3
     c.log_every = 50
+    c.preemption_check_every = 10  # steps between hosts agreeing on a SIGTERM (multi-host)
     c.init_from = config_dict.placeholder(str)   # params of a `convert` or `train` checkpoint
 
     c.data = ml_collections.ConfigDict()

@@ -63,6 +63,15 @@ class _QuietLibraries(std_logging.Filter):
                 or not any(part in record.pathname for part in _CHATTY_LIBRARIES))
 
 
+def define_job_flags(workdir_help: str) -> None:
+    """`--workdir` (required) and the multi-process flags that `parallel.start_job` reads;
+    on TPU pods and under SLURM the process flags can stay unset (auto-detected)."""
+    flags.DEFINE_string("workdir", None, workdir_help, required=True)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process)")
+    flags.DEFINE_integer("num_processes", None, "number of processes (multi-process)")
+    flags.DEFINE_integer("process_id", None, "this process's index (multi-process)")
+
+
 def run(main: Callable, default_config: str | None = None) -> None:
     """Defines `--config`, validates overrides, parses flags and calls `main(config)`."""
     config_flag = config_flags.DEFINE_config_file(

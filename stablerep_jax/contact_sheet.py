@@ -8,12 +8,12 @@ own. Images may be uint8 arrays [H, W, 3], PIL images, or encoded JPEG/PNG bytes
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from stablerep_jax import fileio
 
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (0, 0, 0)
@@ -130,18 +130,8 @@ def cell_box(row: int, column: int, *, thumb_size: int = 128, label_width: int |
 
 
 def save_contact_sheet(path: str, rows: Sequence[tuple[str, Sequence]], **kwargs) -> str:
-    """Builds the sheet and writes it as PNG via a temporary file and an atomic rename."""
-    sheet = contact_sheet(rows, **kwargs)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sheet.save(f, format="PNG")
-        os.chmod(tmp, 0o644)          # mkstemp makes it private; a sheet is for people to see
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    """Builds the sheet and writes it as PNG atomically (local or any tf.io.gfile path, e.g.
+    gs://; world-readable on local disks: a sheet is for people to see). Returns `path`."""
+    png = io.BytesIO()
+    contact_sheet(rows, **kwargs).save(png, format="PNG")
+    return fileio.write_bytes_atomic(path, png.getvalue())

@@ -15,7 +15,7 @@ import time
 import jax
 from absl import flags, logging
 
-from stablerep_jax import checkpoint, config_utils, linear_probe, train
+from stablerep_jax import checkpoint, config_utils, fileio, linear_probe, train
 from stablerep_jax.contact_sheet import save_contact_sheet
 from stablerep_jax.data import records
 from stablerep_jax.generation import toy_world
@@ -122,8 +122,7 @@ def random_checkpoint(train_cfg, directory: str) -> str:
     except FileNotFoundError:
         pass
     model = build_model(train_cfg.model, train_cfg.data.image_size)
-    images, tokens = train._dummy_inputs(train_cfg)
-    variables = model.init(jax.random.PRNGKey(train_cfg.seed), images, tokens, train=False)
+    variables = train.init_variables(model, train_cfg, jax.random.PRNGKey(train_cfg.seed))
     checkpoint.save_model(directory, 0, variables["params"], variables.get("batch_stats", {}),
                           {**train_cfg.model.to_dict(), "image_size": train_cfg.data.image_size})
     return directory
@@ -193,7 +192,7 @@ def run(config, workdir: str) -> dict:
         "images_per_step": config.batch_size * config.n_img,
         "seconds": round(time.time() - start, 1),
     }
-    records.write_json_atomic(os.path.join(workdir, "demo_results.json"), summary)
+    fileio.write_json_atomic(os.path.join(workdir, "demo_results.json"), summary)
     _write_report(workdir, config, summary, sheet, curve_png)
     _print_table(summary)
     return summary
@@ -220,10 +219,7 @@ chance {chance:.1%}) with a linear classifier on frozen CLS features. Wall time 
 
 ![loss curves]({os.path.basename(curve_png)})
 """
-    tmp = os.path.join(workdir, "report.md.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(workdir, "report.md"))
+    fileio.write_text_atomic(os.path.join(workdir, "report.md"), text)
 
 
 def _print_table(summary) -> None:

@@ -3,7 +3,8 @@ r"""Captions file -> K Stable Diffusion images per caption -> sharded TFRecords 
   python -m stablerep_jax.generate --config=configs/generate.py:sd15 \
       --config.captions=/data/cc12m/captions.txt --config.output_dir=/data/cc12m_syn
 
-Output directory:
+Output directory: a local path or any tf.io.gfile URL (gs://BUCKET/DIR: every host of a pod
+writes its shards straight to the bucket; see `fileio.py`):
   train-SSSSS-of-NNNNN.tfrecord  shard S holds captions [S*P, (S+1)*P) (P = captions_per_shard),
                                  one record per caption (schema: `data/records.py`)
   settings.json                  what decides the images; a rerun with other settings stops
@@ -13,18 +14,16 @@ Output directory:
 
 Hosts: shard S belongs to host S mod process_count, so hosts never write the same file, and a
 host's share follows from (number of captions, captions_per_shard, process count) alone.
-Resume: a shard is written to a temporary name and renamed when complete, so a rerun keeps
-every file with a final name and redoes the rest; images do not depend on the batch, device
-count or resume point (see `generation/sampler.py`), so a resumed output equals an
-uninterrupted one.
+Resume: a shard is written to a temporary name and renamed when complete (on GCS a copy and a
+delete, which still makes the final object in one step), so a rerun keeps every file with a
+final name and redoes the rest; images do not depend on the batch, device count or resume
+point (see `generation/sampler.py`), so a resumed output equals an uninterrupted one.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
 import dataclasses
-import io
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -39,11 +38,11 @@ from absl import logging
 from PIL import Image
 from tqdm import tqdm
 
-from stablerep_jax import contact_sheet
+from stablerep_jax import contact_sheet, fileio
 from stablerep_jax.data import records
 from stablerep_jax.generation import captions as captions_lib
 
-IMAGE_FORMATS = ("jpeg", "png")
+IMAGE_FORMATS = records.IMAGE_FORMATS
 SETTINGS_NAME = "settings.json"
 CONTACT_SHEET_NAME = "contact_sheet.png"
 SHARD_PREFIX = "train"
@@ -80,7 +79,7 @@ def host_shards(shards: Sequence[Shard], process_index: int, process_count: int)
 
 def is_finished(output_dir: str, shard: Shard) -> bool:
     """A shard is finished when its final name exists (a `.tmp` file never counts)."""
-    return os.path.isfile(os.path.join(output_dir, shard.name))
+    return fileio.isfile(os.path.join(output_dir, shard.name))
 
 
 def settings_of(config, captions: captions_lib.Captions) -> dict:
@@ -112,9 +111,6 @@ def check_config(config) -> None:
         raise ValueError("set --config.captions to a captions file (.txt, .csv or .tsv)")
     if not config.output_dir:
         raise ValueError("set --config.output_dir")
-    if "://" in config.output_dir:
-        raise ValueError(f"output_dir={config.output_dir!r}: give a local or mounted path "
-                         "(e.g. gcsfuse); shards and manifest are renamed atomically on it")
     if not config.model:
         raise ValueError("set --config.model to a hub id or a local diffusers directory")
     if config.image_format not in IMAGE_FORMATS:
@@ -132,35 +128,13 @@ def check_config(config) -> None:
     sampling_settings(config).check()
 
 
-def check_settings(output_dir: str, settings: dict) -> None:
-    """Stops a rerun whose settings differ from those that made the existing shards."""
-    path = os.path.join(output_dir, SETTINGS_NAME)
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        try:
-            previous = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-    changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-    if changed:
-        details = "; ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-        raise ValueError(f"{output_dir} holds images made with other settings ({details}); use "
-                         "a new output_dir or the settings in " + path)
-
-
 def encode_image(image: np.ndarray, *, save_size: int, image_format: str,
                  jpeg_quality: int) -> bytes:
     """uint8 [H, W, 3] -> JPEG/PNG bytes, resized to save_size x save_size when it differs."""
     img = Image.fromarray(image)
     if save_size and img.size != (save_size, save_size):
         img = img.resize((save_size, save_size), Image.Resampling.BICUBIC)
-    out = io.BytesIO()
-    if image_format == "jpeg":
-        img.save(out, format="JPEG", quality=jpeg_quality)
-    else:
-        img.save(out, format="PNG")
-    return out.getvalue()
+    return records.encode_image(img, image_format, jpeg_quality)
 
 
 def _process(config) -> tuple[int, int]:
@@ -321,13 +295,9 @@ def write_manifest(output_dir: str, shards: Sequence[Shard], config, settings: d
 
 def write_contact_sheet(output_dir: str, shards: Sequence[Shard], num_captions: int) -> str | None:
     """contact_sheet.png from the first finished shard: its first captions and their images."""
-    import tensorflow as tf
-
     for shard in shards:
         if is_finished(output_dir, shard):
-            path = os.path.join(output_dir, shard.name)
-            rows = [records.decode_record(bytes(r.numpy()))
-                    for r in tf.data.TFRecordDataset(path).take(num_captions)]
+            rows = records.read_records(os.path.join(output_dir, shard.name), limit=num_captions)
             return contact_sheet.save_contact_sheet(
                 os.path.join(output_dir, CONTACT_SHEET_NAME),
                 [(f"{r.caption_id}: {r.caption}", r.images) for r in rows])
@@ -348,7 +318,7 @@ def run(config, *, sampler: sampler_lib.Sampler | None = None) -> dict:
     sampler_lib.check_model(config.model)
     output_dir = config.output_dir
     settings = settings_of(config, captions)
-    check_settings(output_dir, settings)
+    records.check_same_settings(os.path.join(output_dir, SETTINGS_NAME), settings)
     process_index, process_count = _process(config)
     shards = plan_shards(len(captions), config.captions_per_shard)
     mine = host_shards(shards, process_index, process_count)
@@ -360,9 +330,9 @@ def run(config, *, sampler: sampler_lib.Sampler | None = None) -> dict:
                  len(shards), process_index, process_count, len(mine),
                  sum(is_finished(output_dir, s) for s in mine), len(todo))
 
-    os.makedirs(output_dir, exist_ok=True)
-    if process_index == 0 and not os.path.exists(os.path.join(output_dir, SETTINGS_NAME)):
-        records.write_json_atomic(os.path.join(output_dir, SETTINGS_NAME), settings)
+    fileio.makedirs(output_dir)
+    if process_index == 0 and not fileio.exists(os.path.join(output_dir, SETTINGS_NAME)):
+        fileio.write_json_atomic(os.path.join(output_dir, SETTINGS_NAME), settings)
 
     stats = {"images": 0, "captions": 0, "shards_written": 0, "seconds": 0.0,
              "truncated_captions": 0, "unsafe_images": 0}
@@ -401,8 +371,8 @@ def run(config, *, sampler: sampler_lib.Sampler | None = None) -> dict:
         blank_lines_skipped=captions.blank_skipped, process_index=process_index,
         process_count=process_count, shards_total=len(shards), shards_this_host=len(mine))
     summary_path = os.path.join(output_dir, _summary_name(process_index, process_count))
-    if stats["images"] or not os.path.exists(summary_path):   # a no-op rerun keeps the numbers
-        records.write_json_atomic(summary_path, summary)
+    if stats["images"] or not fileio.exists(summary_path):   # a no-op rerun keeps the numbers
+        fileio.write_json_atomic(summary_path, summary)
     logging.info("generated %d images in %.1f s (%.2f images/s, %.2f per device); %d captions "
                  "truncated to %d tokens", stats["images"], stats["seconds"], rate,
                  summary["images_per_s_per_device"], stats["truncated_captions"],
@@ -411,10 +381,9 @@ def run(config, *, sampler: sampler_lib.Sampler | None = None) -> dict:
 
 
 def main(config):
-    import tensorflow as tf
-    tf.config.set_visible_devices([], "GPU")     # TF only writes files; JAX owns accelerators
+    from stablerep_jax import parallel
+    parallel.hide_accelerators_from_tensorflow()
     if config.process_count is None:
-        from stablerep_jax import parallel
         parallel.initialize_distributed()
     run(config)
 

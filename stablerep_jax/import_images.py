@@ -28,9 +28,10 @@ from absl import logging
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from stablerep_jax import fileio
 from stablerep_jax.data import layouts, records
 
-IMAGE_FORMATS = ("keep", "jpeg", "png")
+IMAGE_FORMATS = ("keep", *records.IMAGE_FORMATS)
 ON_MISSING = ("error", "skip_caption")
 MISSING_REPORT = "missing.txt"
 _REPORT_NAMES = 20
@@ -66,12 +67,7 @@ def prepare_image(data: bytes, path: str, *, image_format: str = "keep", save_si
                 scale = save_size / min(w, h)
                 img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))),
                                  Image.BICUBIC)
-            out = io.BytesIO()
-            if target == "jpeg":
-                img.save(out, format="JPEG", quality=jpeg_quality)
-            else:
-                img.save(out, format="PNG")
-            return out.getvalue()
+            return records.encode_image(img, target, jpeg_quality)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageProblem(f"{path}: cannot be read as an image ({e})") from e
 
@@ -190,7 +186,7 @@ def run(config) -> dict:
 
     if skipped:
         logging.warning("left out captions with missing/unreadable images; %s", _report(skipped))
-        _write_text_atomic(os.path.join(config.output_dir, MISSING_REPORT), "\n".join(skipped) + "\n")
+        fileio.write_text_atomic(os.path.join(config.output_dir, MISSING_REPORT), "\n".join(skipped) + "\n")
     source = {"csv": config.csv, "roots": config.roots} if config.csv else {"folder": config.folder}
     manifest = records.write_manifest(
         config.output_dir, shards, images_per_caption=k_min, source=source,
@@ -201,15 +197,9 @@ def run(config) -> dict:
     return manifest
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = path + records.TMP_SUFFIX
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(text)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 def main(config):
-    tf.config.set_visible_devices([], "GPU")
+    from stablerep_jax import parallel
+    parallel.hide_accelerators_from_tensorflow()
     run(config)
 
 

@@ -19,8 +19,8 @@ import numpy as np
 from absl import flags, logging
 
 from stablerep_jax import features as features_lib
-from stablerep_jax import parallel
-from stablerep_jax.data import eval_data, records
+from stablerep_jax import fileio, parallel
+from stablerep_jax.data import eval_data
 
 
 def _normalize(x):
@@ -127,24 +127,18 @@ def run(config, workdir: str, mesh=None) -> dict:
                   num_train=data.train.num_examples, num_test=data.test.num_examples,
                   num_classes=data.num_classes, seconds=round(time.time() - start, 1))
     if jax.process_index() == 0:
-        records.write_json_atomic(os.path.join(workdir, "knn_results.json"), result)
+        fileio.write_json_atomic(os.path.join(workdir, "knn_results.json"), result)
     logging.info("k-NN (k=%d, T=%g) top-1 %.4f on %s", result["knn_k"], config.knn.temperature,
                  result["knn_top1"], data.name)
     return result
 
 
 def main(config):
-    args = flags.FLAGS
-    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    import tensorflow as tf
-    tf.config.set_visible_devices([], "GPU")     # tf.data must never take the accelerator
-    run(config, args.workdir)
+    parallel.start_job(flags.FLAGS)
+    run(config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
     from stablerep_jax import cli
-    flags.DEFINE_string("workdir", None, "knn_results.json goes here", required=True)
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process)")
-    flags.DEFINE_integer("num_processes", None, "number of processes (multi-process)")
-    flags.DEFINE_integer("process_id", None, "this process's index (multi-process)")
+    cli.define_job_flags("knn_results.json goes here")
     cli.run(main)

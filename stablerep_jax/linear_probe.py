@@ -32,8 +32,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from stablerep_jax import features as features_lib
-from stablerep_jax import checkpoint, knn, parallel
-from stablerep_jax.data import eval_data, records
+from stablerep_jax import checkpoint, fileio, knn, parallel
+from stablerep_jax.data import eval_data
 from stablerep_jax.metrics import MetricWriter
 
 MODES = ("cached_features", "augmented")
@@ -352,7 +352,7 @@ def run(config, workdir: str, mesh=None) -> dict:
         "checkpoint": str(config.checkpoint), "dataset": data.name})
     results["seconds"] = round(time.time() - start, 1)
     if jax.process_index() == 0:
-        records.write_json_atomic(os.path.join(workdir, "results.json"), results)
+        fileio.write_json_atomic(os.path.join(workdir, "results.json"), results)
     logging.info("best top-1 %.4f at base lr %g (%s)", results["best_top1"], results["best_lr"],
                  ", ".join(f"{k}: {v:.4f}" for k, v in results["top1"].items()))
     return results
@@ -425,18 +425,11 @@ def predict(head: dict, feats: np.ndarray, use_bn: bool) -> np.ndarray:
 
 
 def main(config):
-    args = flags.FLAGS
-    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    import tensorflow as tf
-    tf.config.set_visible_devices([], "GPU")     # tf.data must never take the accelerator
-    run(config, args.workdir)
+    parallel.start_job(flags.FLAGS)
+    run(config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
     from stablerep_jax import cli
-    flags.DEFINE_string("workdir", None, "results.json, metrics, TensorBoard and best_head/ go "
-                        "here", required=True)
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process)")
-    flags.DEFINE_integer("num_processes", None, "number of processes (multi-process)")
-    flags.DEFINE_integer("process_id", None, "this process's index (multi-process)")
+    cli.define_job_flags("results.json, metrics, TensorBoard and best_head/ go here")
     cli.run(main)

@@ -35,6 +35,20 @@ def initialize_distributed(coordinator_address: str | None = None,
                  jax.devices()[0].platform)
 
 
+def hide_accelerators_from_tensorflow() -> None:
+    """TensorFlow only reads and writes data here; it must never take GPU memory from JAX."""
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+
+
+def start_job(flag_values) -> None:
+    """What a job's main does first: hide accelerators from TensorFlow, then join the other
+    processes (`--coordinator_address`, `--num_processes`, `--process_id`, or auto-detected)."""
+    hide_accelerators_from_tensorflow()
+    initialize_distributed(flag_values.coordinator_address, flag_values.num_processes,
+                           flag_values.process_id)
+
+
 def _looks_multi_host() -> bool:
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return True

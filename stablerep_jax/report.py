@@ -2,11 +2,13 @@
 demo's markdown report."""
 from __future__ import annotations
 
+import io
 import math
-import os
 from typing import Sequence
 
 from PIL import Image, ImageDraw
+
+from stablerep_jax import fileio
 
 _COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
 
@@ -52,10 +54,9 @@ def plot_curves(path: str, curves: dict[str, Sequence[tuple[float, float]]], tit
         draw.rectangle([width - right - 170, top + 10 + 16 * i, width - right - 158,
                         top + 20 + 16 * i], fill=colour)
         draw.text((width - right - 152, top + 8 + 16 * i), name, fill="black")
-    tmp = path + ".tmp.png"
-    image.save(tmp)
-    os.replace(tmp, path)
-    return path
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    return fileio.write_bytes_atomic(path, png.getvalue())
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import threading
 import time
@@ -22,13 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tensorflow as tf
 from absl import flags, logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from stablerep_jax import checkpoint, losses, optim, parallel
-from stablerep_jax.data import pipeline, records
+from stablerep_jax.data import pipeline, shards
 from stablerep_jax.metrics import MetricWriter
 from stablerep_jax.models.encoder import build_model
 
@@ -61,24 +59,13 @@ def count_captions(config) -> int:
     """Captions in the training data: `data.num_captions`, else the shards' manifest.json."""
     if config.data.num_captions > 0:
         return int(config.data.num_captions)
-    files = tf.io.gfile.glob(config.data.train_files)
-    if not files:
-        raise FileNotFoundError(f"data.train_files={config.data.train_files!r} matches no file")
-    total = 0
-    for directory in sorted({os.path.dirname(f) for f in files}):
-        manifest = records.read_manifest(directory)
-        if manifest is None:
-            raise FileNotFoundError(
-                f"{directory} has no {records.MANIFEST_NAME}; set --config.data.num_captions "
-                "(captions in the data) so epochs can be turned into steps")
-        shards = manifest.get("shards", {})
-        for f in files:
-            if os.path.dirname(f) == directory:
-                name = os.path.basename(f)
-                if name not in shards:
-                    raise ValueError(f"{f} is not listed in {directory}/{records.MANIFEST_NAME}")
-                total += int(shards[name]["captions"])
-    return total
+    files = shards.host_files(config.data.train_files, process_index=0, process_count=1)
+    try:
+        return sum(shards.count_records(files, unlisted="error"))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; set --config.data.num_captions (captions in the data) so "
+                                "epochs can be turned into steps, or set total_steps and "
+                                "optim.warmup_steps") from e
 
 
 def training_length(config) -> tuple[int, int]:
@@ -107,6 +94,9 @@ def check_config(config) -> None:
     if views_per_caption(config) < 2:
         raise ValueError(f"n_img x num_crop = {views_per_caption(config)}: the loss needs at "
                          "least 2 views of a caption")
+    for key in ("log_every", "checkpoint_every", "preemption_check_every"):
+        if config[key] < 1:
+            raise ValueError(f"{key}={config[key]}: must be >= 1")
     parallel.host_local_batch_size(config.batch_size)
 
 
@@ -114,18 +104,18 @@ def check_config(config) -> None:
 # State and step
 
 
-def _dummy_inputs(config, batch: int = 2):
+def init_variables(model, config, rng) -> dict:
+    """The model's freshly initialised variables ({"params", "batch_stats"}) for this config."""
     size = config.data.image_size
-    images = jnp.zeros((batch, views_per_caption(config), size, size, 3), jnp.float32)
-    tokens = (jnp.zeros((batch, config.model.context_length), jnp.int32)
+    images = jnp.zeros((2, views_per_caption(config), size, size, 3), jnp.float32)
+    tokens = (jnp.zeros((2, config.model.context_length), jnp.int32)
               if config.model.add_language else None)
-    return images, tokens
+    return model.init(rng, images, tokens, train=False)
 
 
 def make_init_fn(model, tx, config):
     def init(rng):
-        images, tokens = _dummy_inputs(config)
-        variables = model.init(rng, images, tokens, train=False)
+        variables = init_variables(model, config, rng)
         params = variables["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           batch_stats=variables.get("batch_stats", {}),
@@ -188,7 +178,8 @@ def make_train_step(model, tx, schedule, config, total_steps: int):
     return train_step
 
 
-def _compiled_flops(compiled) -> float:
+def compiled_flops(compiled) -> float:
+    """FLOPs XLA's cost analysis counts for one call of a compiled program (0 if unknown)."""
     try:
         analysis = compiled.cost_analysis()
     except Exception:  # some backends do not implement it
@@ -231,9 +222,14 @@ def build_training(config, mesh, total_steps: int, steps_per_epoch: int) -> Trai
 
 
 class _StopFlag:
-    """Set by SIGTERM (TPU maintenance, preemption); agreed on by all hosts before acting."""
+    """Set by SIGTERM (TPU maintenance, preemption); agreed on by all hosts before acting.
 
-    def __init__(self):
+    With several processes, agreeing is a host-side all-gather; it runs only every `every`
+    steps (all hosts run the same steps, so they meet), which keeps it out of the step loop.
+    """
+
+    def __init__(self, every: int = 1):
+        self.every = max(1, int(every))
         self._set = False
         self._previous = None
 
@@ -251,9 +247,11 @@ class _StopFlag:
             signal.signal(signal.SIGTERM, self._previous)
         return False
 
-    def should_stop(self) -> bool:
+    def should_stop(self, step: int) -> bool:
         if jax.process_count() == 1:
             return self._set
+        if step % self.every:
+            return False
         flags_all = multihost_utils.process_allgather(np.array(self._set, np.int32))
         return bool(np.max(flags_all))
 
@@ -310,11 +308,11 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
                disable=jax.process_index() != 0)
     window_start, window_steps = time.perf_counter(), 0
     try:
-        with _StopFlag() as stop_flag:
+        with _StopFlag(config.preemption_check_every) as stop_flag:
             while step < stop_at:
                 batch = parallel.global_batch(mesh, next(data))
                 if not flops_per_step:
-                    flops_per_step = _compiled_flops(step_fn.lower(state, batch).compile())
+                    flops_per_step = compiled_flops(step_fn.lower(state, batch).compile())
                 state, metrics = step_fn(state, batch)
                 if pending is not None:
                     _check_finite(*pending, ckpt)
@@ -341,7 +339,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
                 if knn_monitor is not None and (step % config.knn.every == 0 or step == stop_at):
                     writer.write(step, knn_monitor(state.params, state.batch_stats))
 
-                preempted = stop_flag.should_stop()
+                preempted = stop_flag.should_stop(step)
                 if step % config.checkpoint_every == 0 or step == stop_at or preempted:
                     _check_finite(*pending, ckpt)
                     ckpt.save(step, state, model_config, config.to_json_best_effort())
@@ -379,17 +377,11 @@ def _load_initial_weights(state: TrainState, path: str, shardings: TrainState) -
 
 
 def main(config):
-    args = flags.FLAGS
-    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    tf.config.set_visible_devices([], "GPU")   # tf.data must never take the accelerator
-    train_and_evaluate(config, args.workdir)
+    parallel.start_job(flags.FLAGS)
+    train_and_evaluate(config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
     from stablerep_jax import cli
-    flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard go here",
-                        required=True)
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process)")
-    flags.DEFINE_integer("num_processes", None, "number of processes (multi-process)")
-    flags.DEFINE_integer("process_id", None, "this process's index (multi-process)")
+    cli.define_job_flags("checkpoints, metrics.jsonl and TensorBoard go here")
     cli.run(main)

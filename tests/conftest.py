@@ -19,6 +19,7 @@ except ImportError:
     pass
 
 import pathlib  # noqa: E402
+import uuid  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -48,3 +49,15 @@ def close(record_property):
         record_property(f"max_rel_err_{count[0]}", f"{err:.3g}")
         assert err < tol, f"max relative error {err:.3g} >= {tol}"
     return check
+
+
+@pytest.fixture
+def ram_dir():
+    """A fresh directory on TensorFlow's in-memory `ram://` filesystem, removed afterwards: it
+    goes through the same tf.io.gfile code path as gs://, so it proves bucket support offline."""
+    import tensorflow as tf
+
+    root = f"ram://test_{uuid.uuid4().hex}"
+    yield f"{root}/out"
+    if tf.io.gfile.exists(root):
+        tf.io.gfile.rmtree(root)

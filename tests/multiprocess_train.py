@@ -1,14 +1,19 @@
 """One process of a multi-process training run on CPU, for tests/test_multiprocess.py.
 
-  python tests/multiprocess_train.py PROCESS_ID NUM_PROCESSES PORT WORKDIR
+  python tests/multiprocess_train.py PROCESS_ID NUM_PROCESSES PORT WORKDIR [STEPS [SIGTERM_AT]]
 
 The 8 CPU devices are split evenly over the processes; every process feeds its own rows of the
 same deterministic global batches, so a 2-process run must match a 1-process run exactly.
+With SIGTERM_AT, the last process (only) sends itself SIGTERM while fetching that step's batch,
+as one preempted host of a pod would be; every 2 steps the hosts agree on stopping.
 """
 import os
+import signal
 import sys
 
 process_id, num_processes, port, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+total_steps = int(sys.argv[5]) if len(sys.argv) > 5 else 3
+sigterm_at = int(sys.argv[6]) if len(sys.argv) > 6 else -1
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // num_processes}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -33,6 +38,8 @@ def synthetic_iterator(data_config, *, batch_size, seed, process_index, process_
         images = rng.normal(size=(batch_size, views, size, size, 3)).astype(np.float32)
         labels = np.arange(batch_size, dtype=np.int32)
         lo = process_index * rows
+        if step == sigterm_at and process_index == process_count - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
         yield {"images": images[lo:lo + rows], "labels": labels[lo:lo + rows]}
         step += 1
 
@@ -43,8 +50,9 @@ def main():
     pipeline.make_train_iterator = synthetic_iterator
     config = config_utils.load_config(os.path.join(REPO, "configs", "stablerep.py") + ":tiny")
     config.data.train_files = "synthetic"
-    config.total_steps = 3
-    config.checkpoint_every = 3
+    config.total_steps = total_steps
+    config.checkpoint_every = total_steps
+    config.preemption_check_every = 2
     train.train_and_evaluate(config, workdir)
 
 

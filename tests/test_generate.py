@@ -14,9 +14,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
-from stablerep_jax import config_utils, contact_sheet, generate
+from stablerep_jax import config_utils, contact_sheet, fileio, generate
 from stablerep_jax.data import records, shards as shards_lib
 from stablerep_jax.generation import captions as captions_lib
 from stablerep_jax.generation import sampler as sampler_lib
@@ -49,9 +50,9 @@ def _config(model, captions, output_dir, **fields):
 
 
 def _read_output(output_dir):
-    """caption_id -> record, over every finished shard in the directory."""
+    """caption_id -> record, over every finished shard in the directory (local or a URL)."""
     out = {}
-    for name in sorted(os.listdir(output_dir)):
+    for name in sorted(tf.io.gfile.listdir(str(output_dir))):
         if name.endswith(records.SHARD_SUFFIX):
             for rec in records.read_records(os.path.join(output_dir, name)):
                 assert rec.caption_id not in out, f"caption {rec.caption_id} written twice"
@@ -186,6 +187,38 @@ def test_two_hosts_write_disjoint_shards_that_hold_every_caption_once(
     assert sorted(recs) == list(range(len(KEPT)))
     assert all(recs[c].images == reference[2][c].images for c in recs)
     assert records.read_manifest(str(out))["complete"]
+
+
+def test_output_dir_may_be_a_gfile_url_where_reruns_resume(model, captions_file, sampler8,
+                                                          reference, ram_dir):
+    """ram:// takes the same tf.io.gfile path as gs://: every output file lands there, the shards
+    read back, a killed run resumes and a finished one is left as it is."""
+    first = generate.run(_config(model, captions_file, ram_dir, stop_after_shards=1),
+                         sampler=sampler8)
+    assert first["shards_written"] == 1 and not records.read_manifest(ram_dir)["complete"]
+    second = generate.run(_config(model, captions_file, ram_dir), sampler=sampler8)
+    assert (second["shards_written"], second["images"]) == (2, 8)
+    shards = {f"train-{i:05d}-of-00003.tfrecord" for i in range(3)}
+    assert set(tf.io.gfile.listdir(ram_dir)) == shards | {
+        "manifest.json", "settings.json", "summary.json", "contact_sheet.png"}
+
+    recs = _read_output(ram_dir)
+    assert sorted(recs) == sorted(reference[2])
+    assert all(recs[c].images == reference[2][c].images for c in recs)
+    manifest = records.read_manifest(ram_dir)
+    assert manifest["complete"] and manifest["shards"] == records.read_manifest(
+        str(reference[0]))["shards"]
+    assert fileio.read_json(f"{ram_dir}/settings.json") == fileio.read_json(
+        str(reference[0] / "settings.json"))
+    with tf.io.gfile.GFile(f"{ram_dir}/contact_sheet.png", "rb") as f:
+        sheet = np.asarray(Image.open(io.BytesIO(f.read())))
+    np.testing.assert_array_equal(sheet, np.asarray(Image.open(reference[0] / "contact_sheet.png")))
+
+    third = generate.run(_config(model, captions_file, ram_dir), sampler=sampler8)
+    assert (third["shards_written"], third["images"]) == (0, 0)
+    assert fileio.read_json(f"{ram_dir}/summary.json")["images"] == 8   # a no-op keeps the numbers
+    with pytest.raises(ValueError, match=r"guidance_scale: 2.0 -> 7.5"):
+        generate.run(_config(model, captions_file, ram_dir, guidance_scale=7.5))
 
 
 def test_a_rerun_with_other_settings_stops_and_names_them(model, captions_file, reference):

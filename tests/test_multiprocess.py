@@ -18,23 +18,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(num_processes: int, workdir: str) -> list[dict]:
+def _run(num_processes: int, workdir: str, *extra: int) -> list[str]:
+    """Runs the processes to the end; returns each one's output."""
     port = str(_free_port())
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, SCRIPT, str(i), str(num_processes), port, workdir],
+    procs = [subprocess.Popen([sys.executable, SCRIPT, str(i), str(num_processes), port, workdir,
+                               *map(str, extra)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(num_processes)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
-    return read_metrics(workdir)
+    return outputs
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
-    one = _run(1, str(tmp_path / "one"))
-    two = _run(2, str(tmp_path / "two"))
+    _run(1, str(tmp_path / "one"))
+    _run(2, str(tmp_path / "two"))
+    one, two = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "two"))
     assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3]
     np.testing.assert_allclose([m["loss"] for m in two], [m["loss"] for m in one], rtol=1e-5)
     # Both processes took part in the checkpoint: it holds the final step.
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["3"]
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_stops_both_at_the_next_agreement_step(tmp_path):
+    """Process 1 alone is signalled while fetching its 3rd batch; the hosts agree every 2 steps,
+    so both finish step 3, save step 4 and exit cleanly (none hangs in a collective)."""
+    outputs = _run(2, str(tmp_path / "run"), 8, 2)
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4"]
+    assert [m["step"] for m in read_metrics(str(tmp_path / "run"))] == [1, 2, 3, 4]
+    for out in outputs:
+        assert "stopped by SIGTERM at step 4" in out, out[-4000:]

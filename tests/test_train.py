@@ -1,11 +1,13 @@
 """Training: multi-device equivalence, sharded optimizer state, exact resume, preemption, NaN
 guard, learning on a tiny problem, StableRep++ mode."""
 import os
+import shutil
 import signal
 
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from stablerep_jax import config_utils, parallel, train
 from stablerep_jax.data import pipeline
@@ -212,6 +214,41 @@ def test_bad_configs_fail_before_touching_data(tmp_path):
         train.check_config(tiny_config("x", batch_size=6))
     with pytest.raises(FileNotFoundError, match="matches no file"):
         train.count_captions(tiny_config(str(tmp_path / "none-*.tfrecord"), total_steps=0))
+    with pytest.raises(ValueError, match="preemption_check_every=0"):
+        config = tiny_config("x")
+        config.preemption_check_every = 0
+        train.check_config(config)
+
+
+def test_count_captions_needs_every_shard_in_a_manifest(train_files, tmp_path):
+    """Sizing epochs reads manifests only (never terabytes of shards), wherever they live."""
+    source = os.path.dirname(train_files)
+    assert train.count_captions(tiny_config(train_files, total_steps=0)) == 32
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    first = sorted(f for f in os.listdir(source) if f.endswith(".tfrecord"))[0]
+    shutil.copy(os.path.join(source, first), bare / first)
+    with pytest.raises(FileNotFoundError, match="has no manifest.json.*num_captions"):
+        train.count_captions(tiny_config(str(bare / "*.tfrecord"), total_steps=0))
+
+    shutil.copy(os.path.join(source, "manifest.json"), bare / "manifest.json")
+    shutil.copy(bare / first, bare / "extra.tfrecord")
+    with pytest.raises(FileNotFoundError, match="extra.tfrecord is not listed in"):
+        train.count_captions(tiny_config(str(bare / "*.tfrecord"), total_steps=0))
+
+
+def test_count_captions_reads_manifests_on_other_filesystems(train_files):
+    """ram:// stands in for gs://: both go through tf.io.gfile, never os.path."""
+    source = os.path.dirname(train_files)
+    remote = "ram://stablerep_count_test"
+    for name in os.listdir(source):
+        tf.io.gfile.copy(os.path.join(source, name), f"{remote}/{name}", overwrite=True)
+    try:
+        assert train.count_captions(tiny_config(f"{remote}/*.tfrecord", total_steps=0)) == 32
+    finally:   # ram:// has no directories to remove recursively
+        for path in tf.io.gfile.glob(f"{remote}/*"):
+            tf.io.gfile.remove(path)
 
 
 @pytest.mark.slow

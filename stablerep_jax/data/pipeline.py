@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from stablerep_jax.data import augment, shards, tokenize, views
+from stablerep_jax.data import augment, records, shards, tokenize, views
 from stablerep_jax.data.shards import host_files  # noqa: F401  (this module's API)
 
 TOO_MANY_BAD = "too many undecodable records in one epoch"
@@ -241,7 +241,7 @@ def _add_tokens(tokenizer_dir: str):
 def _check_images_per_caption(files: list[str], n_img: int) -> None:
     """Fails early when a manifest says the shards hold fewer than n_img images per caption."""
     for directory in sorted({os.path.dirname(f) for f in files}):
-        k = (shards.read_manifest(directory) or {}).get("images_per_caption")
+        k = (records.read_manifest(directory) or {}).get("images_per_caption")
         if k is not None and int(k) < n_img:
             raise ValueError(f"data.n_img={n_img} but {directory}/manifest.json says "
                              f"images_per_caption={k}: each caption needs at least n_img images")

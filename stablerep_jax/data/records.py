@@ -12,17 +12,21 @@ Writing needs no TensorFlow graph work; parsing is a tf.function-friendly map fo
 """
 from __future__ import annotations
 
-import json
+import io
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+import numpy as np
 import tensorflow as tf
+from PIL import Image
+
+from stablerep_jax import fileio
 
 MANIFEST_NAME = "manifest.json"
-TMP_SUFFIX = ".tmp"
+TMP_SUFFIX = fileio.TMP_SUFFIX
 SHARD_SUFFIX = ".tfrecord"
+IMAGE_FORMATS = ("jpeg", "png")     # what the `images` field may hold
 
 
 @dataclass
@@ -40,6 +44,19 @@ def _bytes_feature(values: Iterable[bytes]) -> tf.train.Feature:
 
 def _int_feature(values: Iterable[int]) -> tf.train.Feature:
     return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+
+
+def encode_image(image, image_format: str, jpeg_quality: int = 95) -> bytes:
+    """A picture (PIL image or uint8 [H, W, 3]) -> the JPEG/PNG bytes an `images` entry holds."""
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format={image_format!r}: choose one of {IMAGE_FORMATS}")
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    out = io.BytesIO()
+    if image_format == "jpeg":
+        img.save(out, format="JPEG", quality=jpeg_quality)
+    else:
+        img.save(out, format="PNG")
+    return out.getvalue()
 
 
 def encode_example(record: CaptionRecord) -> bytes:
@@ -99,51 +116,39 @@ def read_records(path: str, limit: int | None = None) -> list[CaptionRecord]:
 
 
 def write_shard(path: str, records: Iterable[CaptionRecord]) -> int:
-    """Writes a shard atomically: to `path + .tmp`, then renamed. Returns the record count.
+    """Writes a shard atomically (local or any tf.io.gfile path): to `path + .tmp`, then renamed.
+    Returns the record count.
 
     A crash leaves at most a `.tmp` file, which readers never match and writers overwrite.
     """
-    tmp = path + TMP_SUFFIX
     count = 0
-    try:
+    with fileio.atomic_path(path) as tmp:
         with tf.io.TFRecordWriter(tmp) as writer:
             for record in records:
                 writer.write(encode_example(record))
                 count += 1
-        tf.io.gfile.rename(tmp, path, overwrite=True)
-    except BaseException:
-        if tf.io.gfile.exists(tmp):
-            tf.io.gfile.remove(tmp)
-        raise
     return count
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Writes JSON via a temporary file in the same directory and an atomic rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def read_manifest(directory: str) -> dict | None:
-    """Returns the parsed `manifest.json` of an output directory, or None when there is none."""
+    """The parsed `manifest.json` of a shard directory (local, gs:// or any tf.io.gfile path),
+    or None when there is none."""
     path = os.path.join(directory, MANIFEST_NAME)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return fileio.read_json(path) if fileio.exists(path) else None
+
+
+def check_same_settings(path: str, settings: dict) -> bool:
+    """Stops a rerun into an output directory whose settings file (`path`) records other
+    settings, naming each changed key; returns whether the file existed."""
+    if not fileio.exists(path):
+        return False
+    previous = fileio.read_json(path)
+    changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+    if changed:
+        details = "; ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        raise ValueError(f"{os.path.dirname(path)} holds data made with other settings "
+                         f"({details}); use a new output_dir or the settings in {path}")
+    return True
 
 
 def write_manifest(directory: str, shards: dict, **meta) -> dict:
@@ -155,5 +160,5 @@ def write_manifest(directory: str, shards: dict, **meta) -> dict:
     manifest["num_shards"] = len(shards)
     manifest["num_captions"] = sum(int(s["captions"]) for s in shards.values())
     manifest["num_images"] = sum(int(s["images"]) for s in shards.values())
-    write_json_atomic(os.path.join(directory, MANIFEST_NAME), manifest)
+    fileio.write_json_atomic(os.path.join(directory, MANIFEST_NAME), manifest)
     return manifest

@@ -9,7 +9,6 @@ whole epochs and blocks arithmetically and reading at most one block.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -36,37 +35,40 @@ def host_files(pattern: str, process_index: int, process_count: int) -> list[str
     return files[process_index::process_count]
 
 
-def read_manifest(directory: str) -> dict | None:
-    """`manifest.json` of a shard directory (local or gs://), or None when there is none."""
-    path = os.path.join(directory, records.MANIFEST_NAME)
-    if not tf.io.gfile.exists(path):
+def _manifest_counts(directory: str) -> dict[str, int] | None:
+    """{shard file name: captions} from the directory's manifest.json; None without one."""
+    manifest = records.read_manifest(directory)
+    if manifest is None:
         return None
-    with tf.io.gfile.GFile(path, "r") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-
-
-def _manifest_counts(directory: str) -> dict[str, int]:
-    manifest = read_manifest(directory) or {}
     path = os.path.join(directory, records.MANIFEST_NAME)
     try:
         return {name: int(info["captions"]) for name, info in manifest.get("shards", {}).items()}
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: a shard entry lacks an integer 'captions' count ({e})") from e
 
 
-def count_records(files: list[str]) -> list[int]:
-    """Records per file: from each directory's manifest.json, else by reading the file."""
-    manifests: dict[str, dict[str, int]] = {}
+def count_records(files: list[str], *, unlisted: str = "read") -> list[int]:
+    """Records per file, from each directory's manifest.json.
+
+    A file no manifest lists is counted by reading it (`unlisted="read"`: the input pipeline,
+    which reads it anyway) or raises FileNotFoundError naming it (`unlisted="error"`: sizing a
+    schedule should not read terabytes; the caller can ask for the count instead)."""
+    if unlisted not in ("read", "error"):
+        raise ValueError(f"unlisted={unlisted!r}: expected 'read' or 'error'")
+    manifests: dict[str, dict[str, int] | None] = {}
     counts = []
     for path in files:
         directory, name = os.path.split(path)
         if directory not in manifests:
             manifests[directory] = _manifest_counts(directory)
-        if name in manifests[directory]:
-            counts.append(manifests[directory][name])
+        listed = manifests[directory] or {}
+        if name in listed:
+            counts.append(listed[name])
+        elif unlisted == "error":
+            where = (f"is not listed in {directory}/{records.MANIFEST_NAME}"
+                     if manifests[directory] is not None
+                     else f"has no {records.MANIFEST_NAME} beside it")
+            raise FileNotFoundError(f"{path} {where}")
         else:
             logging.warning("%s is not in a manifest.json; counting its records (reads the file)",
                             path)

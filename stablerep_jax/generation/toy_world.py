@@ -14,8 +14,6 @@ the image seed from (seed, caption_id, k) and records it, so any stored image ca
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import math
 import os
 import shutil
@@ -27,6 +25,7 @@ from absl import logging
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from stablerep_jax import fileio
 from stablerep_jax.data import records
 
 COUNT_WORDS = ("one", "two", "three")
@@ -41,7 +40,7 @@ PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "s
 BACKGROUNDS = ("plain", "striped", "dotted", "checkered", "gradient")
 ATTRIBUTE_VALUES = {"count": COUNT_WORDS, "size": SIZES, "color": COLORS, "shape": SHAPES,
                     "background": BACKGROUNDS}
-IMAGE_FORMATS = ("png", "jpeg")
+IMAGE_FORMATS = records.IMAGE_FORMATS
 SHARD_PREFIX = "train"
 SETTINGS_NAME = "toy_settings.json"
 CAPTIONS_NAME = "captions.txt"
@@ -285,18 +284,6 @@ def render(spec: CaptionSpec, rng: np.random.Generator, size: int) -> np.ndarray
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def encode_image(image: np.ndarray, image_format: str = "png") -> bytes:
-    """uint8 [H, W, 3] -> PNG or JPEG (quality 95) bytes."""
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"image_format={image_format!r}: choose one of {IMAGE_FORMATS}")
-    out = io.BytesIO()
-    if image_format == "jpeg":
-        Image.fromarray(image).save(out, format="JPEG", quality=95)
-    else:
-        Image.fromarray(image).save(out, format="PNG")
-    return out.getvalue()
-
-
 def image_seed(seed: int, *path: int) -> int:
     """A 63-bit seed for one image from the run seed and its position (caption_id, k, ...)."""
     state = np.random.SeedSequence([int(seed), *[int(p) for p in path]]).generate_state(2, np.uint32)
@@ -310,21 +297,6 @@ def render_seeded(spec: CaptionSpec, seed: int, size: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------
 # Writers
-
-
-def _check_settings(output_dir: str, settings: dict) -> None:
-    """A rerun into the same directory must use the same settings (then finished shards are kept)."""
-    path = os.path.join(output_dir, SETTINGS_NAME)
-    if not os.path.exists(path):
-        records.write_json_atomic(path, settings)
-        return
-    with open(path, encoding="utf-8") as f:
-        previous = json.load(f)
-    changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-    if changed:
-        details = "; ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-        raise ValueError(f"{output_dir} holds a toy dataset made with other settings ({details}); "
-                         "use a new output_dir")
 
 
 def write_toy_dataset(output_dir: str, num_captions: int, images_per_caption: int,
@@ -346,8 +318,10 @@ def write_toy_dataset(output_dir: str, num_captions: int, images_per_caption: in
                 "image_size": image_size, "seed": seed, "captions_per_shard": captions_per_shard,
                 "image_format": image_format}
     os.makedirs(output_dir, exist_ok=True)
-    _check_settings(output_dir, settings)
-    _write_text_atomic(os.path.join(output_dir, CAPTIONS_NAME), "".join(s.text + "\n" for s in specs))
+    path = os.path.join(output_dir, SETTINGS_NAME)
+    if not records.check_same_settings(path, settings):
+        fileio.write_json_atomic(path, settings)
+    fileio.write_text_atomic(os.path.join(output_dir, CAPTIONS_NAME), "".join(s.text + "\n" for s in specs))
 
     num_shards = -(-num_captions // captions_per_shard)
     shards = {}
@@ -375,17 +349,10 @@ def write_toy_dataset(output_dir: str, num_captions: int, images_per_caption: in
 def _shard_records(specs, first, stop, k, image_size, seed, image_format, bar):
     for cid in range(first, stop):
         seeds = [image_seed(seed, cid, j) for j in range(k)]
-        images = [encode_image(render_seeded(specs[cid], s, image_size), image_format) for s in seeds]
+        images = [records.encode_image(render_seeded(specs[cid], s, image_size), image_format) for s in seeds]
         bar.update(k)
         yield records.CaptionRecord(caption=specs[cid].text, caption_id=cid, images=images,
                                     seeds=seeds)
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = path + records.TMP_SUFFIX
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 SPLITS = ("train", "test")
@@ -422,7 +389,7 @@ def write_toy_probe_folder(root: str, attribute: str, train_per_class: int, test
                         rng = np.random.default_rng(image_seed(seed, 0x9B0BE, split_id, label_id, i))
                         spec = random_spec(rng, **{attribute: label})
                         with open(os.path.join(directory, f"{i:05d}.png"), "wb") as f:
-                            f.write(encode_image(render(spec, rng, image_size), "png"))
+                            f.write(records.encode_image(render(spec, rng, image_size), "png"))
                         bar.update(1)
         if os.path.exists(root):
             os.rmdir(root)

@@ -1,0 +1,95 @@
+"""fileio: atomic writes and JSON reads on local paths and on tf.io.gfile URLs.
+
+TensorFlow's in-memory `ram://` filesystem goes through the same tf.io.gfile code path as
+`gs://`, so every behaviour is pinned on both a local directory and a ram:// one.
+"""
+import os
+
+import pytest
+import tensorflow as tf
+
+from stablerep_jax import fileio
+from stablerep_jax.data import records
+
+
+@pytest.fixture(params=["local", "ram"])
+def directory(request, tmp_path):
+    """An output directory that does not exist yet: a local one or a ram:// one."""
+    if request.param == "local":
+        return str(tmp_path / "out")
+    return request.getfixturevalue("ram_dir")
+
+
+def _names(directory):
+    return sorted(tf.io.gfile.listdir(directory))
+
+
+def test_written_files_read_back_and_replace_older_ones(directory):
+    path = os.path.join(directory, "sub", "a.json")          # parent directories are created
+    fileio.write_json_atomic(path, {"b": [1, 2], "a": "x"})
+    assert fileio.read_json(path) == {"a": "x", "b": [1, 2]}
+    fileio.write_json_atomic(path, {"a": "y"})
+    assert fileio.read_json(path) == {"a": "y"}
+    fileio.write_text_atomic(os.path.join(directory, "t.txt"), "caf\u00e9\n")
+    with tf.io.gfile.GFile(os.path.join(directory, "t.txt"), "rb") as f:
+        assert f.read() == "caf\u00e9\n".encode("utf-8")
+    assert _names(directory) == ["sub", "t.txt"]
+    assert _names(os.path.join(directory, "sub")) == ["a.json"]
+
+
+def test_exists_and_isfile_tell_files_from_directories(directory):
+    path = os.path.join(directory, "f.bin")
+    assert not fileio.exists(path) and not fileio.isfile(path)
+    fileio.write_bytes_atomic(path, b"\x00\x01")
+    assert fileio.exists(path) and fileio.isfile(path)
+    fileio.makedirs(os.path.join(directory, "d"))
+    fileio.makedirs(os.path.join(directory, "d"))                # twice is fine
+    assert fileio.exists(os.path.join(directory, "d"))
+    assert not fileio.isfile(os.path.join(directory, "d"))
+
+
+def test_a_failed_write_leaves_no_temporary_file_and_keeps_the_old_one(directory):
+    path = os.path.join(directory, "f.txt")
+    fileio.write_text_atomic(path, "old")
+    with pytest.raises(RuntimeError, match="killed"):
+        with fileio.atomic_path(path) as tmp:
+            with tf.io.gfile.GFile(tmp, "w") as f:
+                f.write("half")
+            raise RuntimeError("killed mid-write")
+    assert _names(directory) == ["f.txt"]
+    with tf.io.gfile.GFile(path) as f:
+        assert f.read() == "old"
+
+
+def test_a_failed_shard_write_leaves_neither_shard_nor_temporary_file(directory):
+    def failing():
+        yield records.CaptionRecord("a cat", 0, [b"img"], [0])
+        raise RuntimeError("killed mid-shard")
+
+    fileio.makedirs(directory)
+    path = os.path.join(directory, "train-00000-of-00001.tfrecord")
+    with pytest.raises(RuntimeError, match="mid-shard"):
+        records.write_shard(path, failing())
+    assert _names(directory) == []
+    assert records.write_shard(path, [records.CaptionRecord("a cat", 0, [b"img"], [0])]) == 1
+    assert [r.caption for r in records.read_records(path)] == ["a cat"]
+    assert _names(directory) == ["train-00000-of-00001.tfrecord"]
+
+
+def test_read_json_names_the_file_it_cannot_read(directory):
+    missing = os.path.join(directory, "none.json")
+    with pytest.raises(FileNotFoundError, match="none.json: no such file"):
+        fileio.read_json(missing)
+    bad = os.path.join(directory, "bad.json")
+    fileio.write_text_atomic(bad, "{not json")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        fileio.read_json(bad)
+
+
+def test_local_files_are_world_readable_whatever_the_umask(tmp_path):
+    old = os.umask(0o077)
+    try:
+        path = fileio.write_bytes_atomic(str(tmp_path / "sheet.png"), b"png")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == fileio.LOCAL_FILE_MODE == 0o644
