@@ -62,6 +62,14 @@ def make_config(args):
     return config
 
 
+def random_batch(config) -> dict:
+    """A fixed random global batch of `batch_size` captions x `n_img` views."""
+    rng = np.random.default_rng(0)
+    size, views = config.data.image_size, config.data.n_img
+    return {"images": rng.normal(size=(config.batch_size, views, size, size, 3)).astype(np.float32),
+            "labels": np.arange(config.batch_size, dtype=np.int32)}
+
+
 def time_steps(run_step, steps: int) -> float:
     """Median seconds per step after two warm-up steps."""
     for _ in range(2):
@@ -88,19 +96,20 @@ def matmul_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> flo
     return 2 * n ** 3 / best
 
 
-def bench_jax(config, batch):
-    mesh = parallel.make_mesh()
+def bench_jax(config, batch, steps: int, devices=None) -> tuple[float, float]:
+    """(median seconds per step, XLA-counted FLOPs per step) of our jitted step on `devices`."""
+    mesh = parallel.make_mesh(devices)
     parts = train.build_training(config, mesh, total_steps=100, steps_per_epoch=0)
     state = parts.init(jax.random.PRNGKey(0))
     global_batch = jax.device_put(batch, parallel.batch_sharded(mesh))
-    flops = train._compiled_flops(parts.step_fn.lower(state, global_batch).compile())
+    flops = train.compiled_flops(parts.step_fn.lower(state, global_batch).compile())
     holder = {"state": state}
 
     def run():
         holder["state"], metrics = parts.step_fn(holder["state"], global_batch)
         jax.block_until_ready(metrics["loss"])
 
-    return time_steps(run, ARGS.steps), flops
+    return time_steps(run, steps), flops
 
 
 def bench_torch(config, batch):
@@ -137,17 +146,15 @@ def bench_torch(config, batch):
 
 def main():
     config = make_config(ARGS)
-    rng = np.random.default_rng(0)
     size, views = config.data.image_size, config.data.n_img
-    batch = {"images": rng.normal(size=(config.batch_size, views, size, size, 3)).astype(np.float32),
-             "labels": np.arange(config.batch_size, dtype=np.int32)}
+    batch = random_batch(config)
     images_per_step = config.batch_size * views
     device = jax.devices()[0]
     print(f"device: {device.platform} ({device.device_kind}) x {jax.device_count()}; "
           f"ViT-{config.model.variant}/16 {size}px, {config.batch_size} captions x {views} views "
           f"= {images_per_step} images/step, dtype {config.model.dtype}")
 
-    jax_time, flops = bench_jax(config, batch)
+    jax_time, flops = bench_jax(config, batch, ARGS.steps)
     peak = matmul_peak_flops(jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32)
     jax_ips = images_per_step / jax_time
     print(f"jax   : {jax_time * 1e3:9.1f} ms/step  {jax_ips:9.2f} images/s")
