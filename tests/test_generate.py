@@ -189,6 +189,36 @@ def test_two_hosts_write_disjoint_shards_that_hold_every_caption_once(
     assert records.read_manifest(str(out))["complete"]
 
 
+@pytest.mark.slow
+def test_two_jax_processes_split_the_shards_and_host0_writes_the_manifest(
+        model, captions_file, reference, tmp_path):
+    """Two jax.distributed processes (2 CPU devices each) write disjoint shards; host 0 waits at
+    the barrier for both before the manifest and the contact sheet; images match one host."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = str(sock.getsockname()[1])
+    out = tmp_path / "out"
+    script = os.path.join(REPO, "tests", "multiprocess_generate.py")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, script, str(i), "2", port, model, captions_file,
+                               str(out)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text[-4000:]
+    assert "process 0: 2 shards, 4 captions" in outputs[0]          # shards 0 and 2
+    assert "process 1: 1 shards, 3 captions" in outputs[1]          # shard 1
+    manifest = records.read_manifest(str(out))
+    assert manifest["complete"] and len(manifest["shards"]) == 3
+    assert (out / generate.CONTACT_SHEET_NAME).exists()
+    assert (out / "summary.host-00000-of-00002.json").exists()
+    assert (out / "summary.host-00001-of-00002.json").exists()
+    recs = _read_output(out)                                        # asserts no duplicates
+    assert sorted(recs) == list(range(len(KEPT)))
+    assert all(recs[c].images == reference[2][c].images for c in recs)
+
+
 def test_output_dir_may_be_a_gfile_url_where_reruns_resume(model, captions_file, sampler8,
                                                           reference, ram_dir):
     """ram:// takes the same tf.io.gfile path as gs://: every output file lands there, the shards
