@@ -103,13 +103,22 @@ def write_json_atomic(path: str, obj) -> str:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str):
-    """The parsed JSON file at `path`; a missing file or bad JSON raises an error naming it."""
+def read_bytes(path: str) -> bytes:
+    """The contents of the file at `path` (local or URL); a missing file raises
+    FileNotFoundError and a directory IsADirectoryError, each naming the path."""
+    gfile = _gfile()
     try:
-        with _gfile().GFile(path, "rb") as f:
-            data = f.read()
+        if gfile.isdir(path):
+            raise IsADirectoryError(f"{path}: is a directory, not a file")
+        with gfile.GFile(path, "rb") as f:
+            return f.read()
     except _not_found() as e:
         raise FileNotFoundError(f"{path}: no such file") from e
+
+
+def read_json(path: str):
+    """The parsed JSON file at `path`; a missing file or bad JSON raises an error naming it."""
+    data = read_bytes(path)
     try:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -86,6 +86,20 @@ def test_read_json_names_the_file_it_cannot_read(directory):
         fileio.read_json(bad)
 
 
+def test_captions_files_are_read_from_urls_too(directory):
+    """generate's captions may sit in the same bucket as its output; errors still name the file."""
+    from stablerep_jax.generation import captions as captions_lib
+    path = os.path.join(directory, "captions.txt")
+    fileio.write_text_atomic(path, "a red cat\n\na blue dog\n")
+    got = captions_lib.read_captions(path)
+    assert got.texts == ("a red cat", "a blue dog") and got.blank_skipped == 1
+    with pytest.raises(FileNotFoundError, match="none.txt' does not exist"):
+        captions_lib.read_captions(os.path.join(directory, "none.txt"))
+    fileio.makedirs(os.path.join(directory, "dir.txt"))
+    with pytest.raises(IsADirectoryError, match="dir.txt' is a directory"):
+        captions_lib.read_captions(os.path.join(directory, "dir.txt"))
+
+
 def test_local_files_are_world_readable_whatever_the_umask(tmp_path):
     old = os.umask(0o077)
     try:

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from stablerep_jax import fileio
+
 TEXT_SUFFIXES = (".txt",)
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 
@@ -40,12 +42,13 @@ class Captions:
 
 
 def _read_text(path: str) -> str:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"captions file {path!r} does not exist")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"captions file {path!r} is a directory, not a file")
-    with open(path, "rb") as f:
-        data = f.read()
+    """The file's text (local path or any tf.io.gfile URL such as gs://)."""
+    try:
+        data = fileio.read_bytes(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"captions file {path!r} does not exist") from e
+    except IsADirectoryError as e:
+        raise IsADirectoryError(f"captions file {path!r} is a directory, not a file") from e
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
