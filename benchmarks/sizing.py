@@ -77,7 +77,13 @@ def _args():
                    help="NAME=PEAK_TFLOPS,... chips to project to (not measured)")
     p.add_argument("--assumed_utilisation", type=float, default=0.4)
     p.add_argument("--json", help="also write the results here")
-    return p.parse_args()
+    args = p.parse_args()
+    try:   # checked before minutes of measuring, not after
+        args.project = [(name.strip(), float(tflops)) for name, tflops in
+                        (item.split("=") for item in args.project.split(",") if item.strip())]
+    except ValueError:
+        p.error(f"--project {args.project!r}: expected NAME=PEAK_TFLOPS[,NAME=PEAK_TFLOPS...]")
+    return args
 
 
 def cost_flops(fn, *abstract_args) -> float:
@@ -196,15 +202,18 @@ def main():
         print(f"| {kind} | {job} | {r['images_per_s']:.3g} | {hours[job]:,.0f} | measured |")
 
     projections = []
-    for item in filter(None, args.project.split(",")):
-        name, tflops = item.split("=")
+    for name, tflops in args.project:
         for job in rows:
-            rate = float(tflops) * 1e12 * args.assumed_utilisation / results[job]["flops_per_image"]
+            flops = results[job]["flops_per_image"]
+            if not flops:
+                print(f"| {name} | {job} | - | - | no projection: XLA counted no FLOPs here |")
+                continue
+            rate = tflops * 1e12 * args.assumed_utilisation / flops
+            rates = (rate, None) if job == "generation" else (None, rate)
             projections.append(dict(chip=name, job=job, images_per_s=rate,
-                                    chip_hours=chip_hours(args, *(
-                                        (rate, None) if job == "generation" else (None, rate)))[job]))
+                                    chip_hours=chip_hours(args, *rates)[job]))
             print(f"| {name} | {job} | {rate:.3g} | {projections[-1]['chip_hours']:,.0f} | "
-                  f"projection: {tflops} TFLOP/s peak x {args.assumed_utilisation:.0%}, "
+                  f"projection: {tflops:g} TFLOP/s peak x {args.assumed_utilisation:.0%}, "
                   f"not measured |")
     results["projections"] = projections
     if args.json:

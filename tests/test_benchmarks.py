@@ -12,13 +12,13 @@ from tiny_sd import write_tiny_sd
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(script: str, *args: str) -> str:
+def _run(script: str, *args: str, returncode: int = 0) -> str:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one device, like a user
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), *args],
                           env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return proc.stdout
+    assert proc.returncode == returncode, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
@@ -45,3 +45,9 @@ def test_train_step_benchmark_compares_with_pytorch():
     out = _run("train_step.py", "--variant", "tiny", "--image_size", "32", "--captions", "2",
                "--views", "2", "--steps", "1", "--mlp_dim", "64", "--emb_dim", "16")
     assert "ratio jax/torch images/s" in out and "utilisation" in out
+
+
+def test_sizing_rejects_a_bad_projection_before_measuring():
+    out = _run("sizing.py", "--project", "H100", returncode=2)
+    assert "--project 'H100': expected NAME=PEAK_TFLOPS" in out
+    assert "matmul peak" not in out
