@@ -12,6 +12,7 @@ loader restores only the items above, as host numpy arrays, so it works on any d
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import jax
@@ -20,15 +21,24 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from stablerep_jax import fileio
+
 CHECKPOINTS_SUBDIR = "checkpoints"
 PARAMS = "params"
 BATCH_STATS = "batch_stats"
 MODEL_CONFIG = "model_config"
 
 
+def _absolute(path) -> epath.Path:
+    """orbax refuses relative paths ("Checkpoint path should be absolute"): a local path is
+    made absolute against the working directory; gs:// and other URLs are left as they are."""
+    text = os.fspath(path)
+    return epath.Path(text if fileio.is_url(text) else os.path.abspath(text))
+
+
 def checkpoints_dir(directory) -> epath.Path:
-    """DIR -> DIR/checkpoints, the manager directory."""
-    return epath.Path(directory) / CHECKPOINTS_SUBDIR
+    """DIR -> DIR/checkpoints, the manager directory (absolute, see `_absolute`)."""
+    return _absolute(directory) / CHECKPOINTS_SUBDIR
 
 
 def model_save_args(params, batch_stats, model_config: dict) -> dict:
@@ -66,7 +76,7 @@ def resolve_step_dir(path, step: Optional[int] = None) -> epath.Path:
     Without `step` (and without a step in the path) the latest finished step is used. Raises
     FileNotFoundError naming the path when no checkpoint is there.
     """
-    path = epath.Path(path)
+    path = _absolute(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
     if path.name.isdigit() and (path / MODEL_CONFIG).exists():

@@ -10,12 +10,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path):
+def test_demo_runs_end_to_end(tmp_path, monkeypatch):
+    """With a relative --workdir, as the README's quick start runs it (orbax wants absolute
+    checkpoint paths; the demo once failed there)."""
     config = config_utils.load_config(os.path.join(REPO, "configs", "demo.py") + ":test")
-    summary = demo.run(config, str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    summary = demo.run(config, "stablerep_demo")
+    out = tmp_path / "stablerep_demo"
     for name in ("report.md", "demo_results.json", "contact_sheet.png", "loss_curves.png"):
-        assert os.path.getsize(tmp_path / name) > 0, name
-    saved = json.loads((tmp_path / "demo_results.json").read_text())
+        assert os.path.getsize(out / name) > 0, name
+    saved = json.loads((out / "demo_results.json").read_text())
     assert saved == json.loads(json.dumps(summary))
     for key in ("probe_top1_trained", "probe_top1_random", "probe_top1_simclr"):
         assert 0.0 <= saved[key] <= 1.0
@@ -23,14 +27,14 @@ def test_demo_runs_end_to_end(tmp_path):
     # deterministic check. Measured here: StableRep 26.7%, random init 18.3% (chance 20%).
     # The margin asked for is 5 points, i.e. 3 more correct test images than the random encoder.
     assert saved["probe_top1_trained"] >= saved["probe_top1_random"] + 0.05
-    report = (tmp_path / "report.md").read_text()
+    report = (out / "report.md").read_text()
     assert "StableRep" in report and "SimCLR" in report and "random init" in report
     # Training really ran and logged a falling loss curve for both objectives.
     for run in ("stablerep", "simclr"):
-        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        lines = (out / run / "metrics.jsonl").read_text().splitlines()
         losses = [json.loads(line)["loss"] for line in lines]
         assert len(losses) == config.train_steps // 5
         assert sum(losses[-3:]) < sum(losses[:3])
     # A rerun reuses data and checkpoints (train resumes at its final step: no new steps).
-    again = demo.run(config, str(tmp_path))
+    again = demo.run(config, "stablerep_demo")
     assert again["probe_top1_trained"] == summary["probe_top1_trained"]
