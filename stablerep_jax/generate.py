@@ -318,7 +318,8 @@ def run(config, *, sampler: sampler_lib.Sampler | None = None) -> dict:
     sampler_lib.check_model(config.model)
     output_dir = config.output_dir
     settings = settings_of(config, captions)
-    records.check_same_settings(os.path.join(output_dir, SETTINGS_NAME), settings)
+    settings_path = os.path.join(output_dir, SETTINGS_NAME)
+    settings_written = records.check_same_settings(settings_path, settings)
     process_index, process_count = _process(config)
     shards = plan_shards(len(captions), config.captions_per_shard)
     mine = host_shards(shards, process_index, process_count)
@@ -331,8 +332,8 @@ def run(config, *, sampler: sampler_lib.Sampler | None = None) -> dict:
                  sum(is_finished(output_dir, s) for s in mine), len(todo))
 
     fileio.makedirs(output_dir)
-    if process_index == 0 and not fileio.exists(os.path.join(output_dir, SETTINGS_NAME)):
-        fileio.write_json_atomic(os.path.join(output_dir, SETTINGS_NAME), settings)
+    if process_index == 0 and not settings_written:
+        fileio.write_json_atomic(settings_path, settings)
 
     stats = {"images": 0, "captions": 0, "shards_written": 0, "seconds": 0.0,
              "truncated_captions": 0, "unsafe_images": 0}

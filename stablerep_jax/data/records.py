@@ -133,16 +133,19 @@ def write_shard(path: str, records: Iterable[CaptionRecord]) -> int:
 def read_manifest(directory: str) -> dict | None:
     """The parsed `manifest.json` of a shard directory (local, gs:// or any tf.io.gfile path),
     or None when there is none."""
-    path = os.path.join(directory, MANIFEST_NAME)
-    return fileio.read_json(path) if fileio.exists(path) else None
+    try:
+        return fileio.read_json(os.path.join(directory, MANIFEST_NAME))
+    except FileNotFoundError:
+        return None
 
 
 def check_same_settings(path: str, settings: dict) -> bool:
     """Stops a rerun into an output directory whose settings file (`path`) records other
     settings, naming each changed key; returns whether the file existed."""
-    if not fileio.exists(path):
+    try:
+        previous = fileio.read_json(path)
+    except FileNotFoundError:
         return False
-    previous = fileio.read_json(path)
     changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
     if changed:
         details = "; ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
