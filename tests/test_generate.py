@@ -21,6 +21,7 @@ from stablerep_jax import config_utils, contact_sheet, fileio, generate
 from stablerep_jax.data import records, shards as shards_lib
 from stablerep_jax.generation import captions as captions_lib
 from stablerep_jax.generation import sampler as sampler_lib
+from processes import run_processes
 from tiny_sd import write_tiny_sd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,19 +195,9 @@ def test_two_jax_processes_split_the_shards_and_host0_writes_the_manifest(
         model, captions_file, reference, tmp_path):
     """Two jax.distributed processes (2 CPU devices each) write disjoint shards; host 0 waits at
     the barrier for both before the manifest and the contact sheet; images match one host."""
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = str(sock.getsockname()[1])
     out = tmp_path / "out"
-    script = os.path.join(REPO, "tests", "multiprocess_generate.py")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, script, str(i), "2", port, model, captions_file,
-                               str(out)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, text in zip(procs, outputs):
-        assert p.returncode == 0, text[-4000:]
+    outputs = run_processes(os.path.join(REPO, "tests", "multiprocess_generate.py"), 2,
+                            model, captions_file, out)
     assert "process 0: 2 shards, 4 captions" in outputs[0]          # shards 0 and 2
     assert "process 1: 1 shards, 3 captions" in outputs[1]          # shard 1
     manifest = records.read_manifest(str(out))

@@ -1,35 +1,18 @@
 """Two CPU processes joined by jax.distributed (loopback coordinator) train exactly like one."""
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from processes import run_processes
 from stablerep_jax.metrics import read_metrics
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_train.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _run(num_processes: int, workdir: str, *extra: int) -> list[str]:
     """Runs the processes to the end; returns each one's output."""
-    port = str(_free_port())
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, SCRIPT, str(i), str(num_processes), port, workdir,
-                               *map(str, extra)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(num_processes)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-4000:]
-    return outputs
+    return run_processes(SCRIPT, num_processes, workdir, *extra)
 
 
 @pytest.mark.slow
