@@ -128,6 +128,16 @@ def _seeds(config, k: int) -> list[int]:
     return seeds
 
 
+def plan_shards(groups: Sequence[layouts.CaptionGroup],
+                captions_per_shard: int) -> list[tuple[str, list[layouts.CaptionGroup]]]:
+    """(shard file name, its caption groups) for every shard of the output, the same on every
+    host and every rerun."""
+    num_shards = -(-len(groups) // captions_per_shard)
+    return [(f"train-{index:05d}-of-{num_shards:05d}.tfrecord",
+             list(groups[index * captions_per_shard:(index + 1) * captions_per_shard]))
+            for index in range(num_shards)]
+
+
 def check_config(config) -> None:
     if config.image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format={config.image_format!r}: choose one of {IMAGE_FORMATS}")
@@ -159,10 +169,8 @@ def run(config) -> dict:
             if missing and config.on_missing == "error":
                 raise FileNotFoundError(_report(missing) + "\nnothing was written")
         bar = tqdm(total=len(groups), desc="import", unit="caption", mininterval=2.0)
-        for index in range(num_shards):
-            name = f"train-{index:05d}-of-{num_shards:05d}.tfrecord"
+        for name, chunk in plan_shards(groups, config.captions_per_shard):
             path = os.path.join(config.output_dir, name)
-            chunk = groups[index * config.captions_per_shard:(index + 1) * config.captions_per_shard]
             if tf.io.gfile.exists(path):
                 done = records.read_records(path)
                 shards[name] = {"captions": len(done), "images": sum(len(r.images) for r in done)}
