@@ -2,11 +2,16 @@
 
 Jobs write their outputs through these helpers so that the same code serves a laptop directory
 and a bucket that every host of a TPU pod writes to. A file is written under a temporary name
-(`path + TMP_SUFFIX`, in the same directory) and renamed onto its final name when complete, so a
-reader, a resumed run or another host sees either no file or the whole file, never part of one:
-on local disks the rename is atomic; on GCS it is a copy then a delete, which still creates the
-final object in one step. A failed write removes its temporary file. Readers of a directory skip
-names ending in `TMP_SUFFIX`; a rerun overwrites a temporary file a killed run left behind.
+unique to this process and this write (`temp_name`: `path.<host>-<pid>-<random>.tmp`, in the same
+directory) and renamed onto its final name when complete, so a reader, a resumed run or another
+host sees either no file or the whole file, never part of one, and two hosts writing the same
+file never touch each other's temporary file. On local disks the data is flushed to the disk
+(fsync) before the rename and the directory after it, so a host crash cannot leave an empty or
+partial file under a final name; the rename is atomic. On GCS a rename is a copy then a delete,
+which still creates the final object in one step. A failed write removes its temporary file.
+Readers of a directory skip names ending in `TMP_SUFFIX`; a process killed mid-write (kill -9,
+host crash) leaves its temporary file behind, which no reader matches and which can be deleted
+whenever no job writes to the directory.
 
 TensorFlow is imported on first use, not at import time: modules that only write local PNGs
 (the contact sheet, reports) stay cheap to import, and importing this module never puts TF's
@@ -17,6 +22,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import secrets
+import socket
 from collections.abc import Iterator
 
 TMP_SUFFIX = ".tmp"
@@ -57,29 +65,51 @@ def makedirs(path: str) -> None:
     _gfile().makedirs(path)
 
 
-def _remove_if_present(path: str) -> None:
+def remove_if_present(path: str) -> None:
+    """Deletes the file at `path`; nothing happens when there is none."""
     try:
         _gfile().remove(path)
     except _not_found():
         pass
 
 
+def temp_name(path: str) -> str:
+    """A temporary name for writing `path`, unique to this host, process and call, in the same
+    directory and ending in `TMP_SUFFIX` (so readers that skip that suffix skip it)."""
+    host = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname())[:32].strip("-") or "host"
+    return f"{path}.{host}-{os.getpid()}-{secrets.token_hex(6)}{TMP_SUFFIX}"
+
+
+def _fsync(path: str) -> None:
+    """Flushes a local file's (or directory's) data and metadata to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yields the temporary name to write `path` under; renames it onto `path` (replacing an
-    older file) when the block succeeds and removes it when the block or the rename fails.
+    """Yields a temporary name (`temp_name`) to write `path` under; when the block succeeds,
+    syncs it to the disk (local files) and renames it onto `path` (replacing an older file);
+    when the block or the rename fails, removes it.
 
-    For writers that stream to a file name themselves (e.g. tf.io.TFRecordWriter).
+    For writers that stream to a file name themselves (e.g. tf.io.TFRecordWriter): they must
+    have closed the file when the block ends.
     """
-    tmp = path + TMP_SUFFIX
+    tmp = temp_name(path)
     try:
         yield tmp
         if not is_url(path):
             os.chmod(tmp, LOCAL_FILE_MODE)
+            _fsync(tmp)
         _gfile().rename(tmp, path, overwrite=True)
     except BaseException:
-        _remove_if_present(tmp)
+        remove_if_present(tmp)
         raise
+    if not is_url(path):
+        _fsync(os.path.dirname(os.path.abspath(path)))     # the rename itself survives a crash
 
 
 def write_bytes_atomic(path: str, data: bytes) -> str:

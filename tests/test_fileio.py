@@ -107,3 +107,54 @@ def test_local_files_are_world_readable_whatever_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert os.stat(path).st_mode & 0o777 == fileio.LOCAL_FILE_MODE == 0o644
+
+
+def test_temporary_names_are_unique_per_write_and_skipped_by_readers(tmp_path):
+    path = str(tmp_path / "train-00000-of-00001.tfrecord")
+    names = {fileio.temp_name(path) for _ in range(50)}
+    assert len(names) == 50
+    for name in names:
+        assert name.startswith(path + ".") and name.endswith(fileio.TMP_SUFFIX)
+        assert f"-{os.getpid()}-" in name and os.path.dirname(name) == str(tmp_path)
+    assert records.TMP_SUFFIX == fileio.TMP_SUFFIX           # what shard readers filter on
+
+
+def test_a_concurrent_writers_failure_leaves_the_other_writers_file_alone(directory):
+    """Two hosts writing the same file (a pod where every host runs the job): one fails, the
+    other still completes its write."""
+    path = os.path.join(directory, "manifest.json")
+    fileio.makedirs(directory)
+    with fileio.atomic_path(path) as survivor:
+        with tf.io.gfile.GFile(survivor, "w") as f:
+            f.write("whole")
+        with pytest.raises(RuntimeError, match="host 1 died"):
+            with fileio.atomic_path(path) as failing:
+                assert failing != survivor
+                with tf.io.gfile.GFile(failing, "w") as f:
+                    f.write("ha")
+                raise RuntimeError("host 1 died")
+        assert tf.io.gfile.exists(survivor)
+    assert _names(directory) == ["manifest.json"]
+    with tf.io.gfile.GFile(path) as f:
+        assert f.read() == "whole"
+
+
+def test_local_files_reach_the_disk_before_their_final_name(tmp_path, monkeypatch):
+    """fsync of the whole temporary file happens before the rename, so a host crash never
+    leaves an empty or partial file under the final name; then the directory is synced."""
+    path = str(tmp_path / "summary.json")
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((target, os.path.isfile(target) and os.path.getsize(target),
+                       os.path.exists(path)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    fileio.write_bytes_atomic(path, b"x" * 1000)
+    assert len(synced) == 2
+    (tmp_name, size, final_existed), (directory, _, _) = synced
+    assert tmp_name.endswith(fileio.TMP_SUFFIX) and size == 1000 and not final_existed
+    assert directory == str(tmp_path)
