@@ -5,18 +5,26 @@ Run (single host; the same command on every host of a pod):
   python -m stablerep_jax.train --config=configs/stablerep.py:vit_b16_cc12m_1x \
       --config.data.train_files='gs://BUCKET/cc12m_syn/*.tfrecord' --workdir=gs://BUCKET/runs/b16_1x
 
-Presets:
-  vit_b16_cc12m_1x / _2x / _3x   ViT-B/16, CC12M synthetic, 15 / 30 / 45 epochs
-  vit_b16_redcaps_1x / _3x       ViT-B/16, RedCaps synthetic, 15 / 45 epochs
-  vit_b16_laion_pp               StableRep++ (image + image-text loss), LAION subset, 2 images/caption
+Presets (epochs / warmup epochs are the reference README's schedule table; "1x" = 35
+ImageNet-epoch equivalents):
+  vit_b16_cc12m_1x / _2x / _3x       ViT-B/16, CC12M synthetic, 15 / 31 / 46 epochs, warmup 0.5 / 1.0 / 1.5
+  vit_b16_redcaps_1x / _2x / _3x     ViT-B/16, RedCaps synthetic, 13 / 27 / 40 epochs, warmup 0.45 / 0.9 / 1.35
+  vit_b16_cc12m_pp_1x                StableRep++ (image + image-text loss, w1 = w2 = 1) on CC12M, 1x
+                                     (the reference README's "add text" row, 74.4%)
+  vit_b16_redcaps_pp_1x              StableRep++ on RedCaps, 1x (the README's 75.4% row)
+  vit_b16_laion_pp                   StableRep++ on the LAION subset, 2 images/caption (batch 4096
+                                     captions is ours: the reference gives no LAION command)
   vit_s16_cc12m_1x               ViT-S/16 for smaller runs
   simclr_b16_cc12m_1x            the SimCLR baseline: 1 image per caption, 2 crops
   tiny                           a seconds-long run for tests and the demo (32px, 2-layer ViT)
 
 Hyper-parameters (paper / reference code): batch of 1376 captions x 6 of the 10 images = 8256
 images, AdamW betas (0.9, 0.98), weight decay 0.1 (not on biases, norms, 1-D params),
-lr = blr x captions x n_img x num_crop / 256 / 2 with blr 2e-4, 0.5 epoch warmup, cosine to 0,
-temperature 0.1, MLP head 4096-4096-256 with per-view-group synchronised BatchNorm.
+lr = blr x captions x n_img x num_crop / 256 / 2 with blr 2e-4, linear warmup then half-cycle
+cosine to 0, temperature 0.1, MLP head 4096-4096-256 with per-view-group synchronised BatchNorm.
+The reference README's command also passes --downsample (p 0.05, 64/128 px); its results table
+has rows with and without it, and these presets are the rows without: add
+--config.data.downsample=True for the others.
 """
 import ml_collections
 from ml_collections import config_dict
@@ -25,8 +33,9 @@ from stablerep_jax.config_utils import parse_preset
 
 PRESETS = (
     "vit_b16_cc12m_1x", "vit_b16_cc12m_2x", "vit_b16_cc12m_3x",
-    "vit_b16_redcaps_1x", "vit_b16_redcaps_3x",
-    "vit_b16_laion_pp", "vit_s16_cc12m_1x", "simclr_b16_cc12m_1x", "tiny",
+    "vit_b16_redcaps_1x", "vit_b16_redcaps_2x", "vit_b16_redcaps_3x",
+    "vit_b16_cc12m_pp_1x", "vit_b16_redcaps_pp_1x", "vit_b16_laion_pp",
+    "vit_s16_cc12m_1x", "simclr_b16_cc12m_1x", "tiny",
 )
 
 
@@ -106,14 +115,23 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# (data set, schedule) -> (epochs, warmup epochs): the reference README's schedule table.
+SCHEDULES = {
+    ("cc12m", "1x"): (15.0, 0.5), ("cc12m", "2x"): (31.0, 1.0), ("cc12m", "3x"): (46.0, 1.5),
+    ("redcaps", "1x"): (13.0, 0.45), ("redcaps", "2x"): (27.0, 0.9),
+    ("redcaps", "3x"): (40.0, 1.35),
+}
+
+
 def get_config(arg=None) -> ml_collections.ConfigDict:
     preset = parse_preset(arg, PRESETS, default="vit_b16_cc12m_1x")
     c = base_config()
     c.preset = preset
-    if preset.startswith("vit_b16_cc12m_"):
-        c.epochs = {"1x": 15.0, "2x": 30.0, "3x": 45.0}[preset.rsplit("_", 1)[1]]
-    elif preset.startswith("vit_b16_redcaps_"):
-        c.epochs = {"1x": 15.0, "3x": 45.0}[preset.rsplit("_", 1)[1]]
+    parts = preset.split("_")
+    if parts[:2] == ["vit", "b16"] and parts[2] in ("cc12m", "redcaps"):
+        # vit_b16_<data>_<schedule> or vit_b16_<data>_pp_<schedule> (StableRep++)
+        c.epochs, c.optim.warmup_epochs = SCHEDULES[(parts[2], parts[-1])]
+        c.model.add_language = parts[3] == "pp"
     elif preset == "vit_b16_laion_pp":
         c.model.add_language = True
         c.data.n_img = 2
