@@ -1,10 +1,13 @@
 """Captions files for `generate`: reading them strictly and tokenizing them for the text encoder.
 
-A captions file is `.txt` (one caption per line) or `.csv` / `.tsv` with a header row and a
-caption column. Blank captions are skipped and counted; caption ids number the kept captions
-0, 1, 2, ... in file order (the `caption_id` of the TFRecord schema). Every problem (missing or
-empty file, text that is not UTF-8, no caption column) is reported with the file name before any
-model or device work starts.
+A captions file is `.txt` (one caption per line: lines end at "\n" only, with a "\r" before it
+dropped, so U+2028, U+0085 or a form feed inside a caption never cut it in two) or `.csv` / `.tsv`
+with a header row and a caption column. Blank captions are skipped and counted; caption ids
+number the kept captions 0, 1, 2, ... in file order (the `caption_id` of the TFRecord schema).
+The rows of the skipped blanks are kept (`Captions.blank_rows`), so `Captions.row_of` maps a
+caption id back to its line of the file (the reference keeps blank lines as empty prompts and
+numbers images by line). Every problem (missing or empty file, text that is not UTF-8, no
+caption column) is reported with the file name before any model or device work starts.
 """
 from __future__ import annotations
 
@@ -25,13 +28,27 @@ TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 
 @dataclasses.dataclass(frozen=True)
 class Captions:
-    """The kept captions of a file (index = caption_id) and how many blank ones were skipped."""
+    """The kept captions of a file (index = caption_id), how many blank ones were skipped and
+    their rows (1-based: the line of a .txt file; for .csv/.tsv the record, the header being 1)."""
     path: str
     texts: tuple[str, ...]
     blank_skipped: int
+    blank_rows: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def row_of(self, caption_id: int) -> int:
+        """The 1-based row of the file that caption `caption_id` came from."""
+        if not 0 <= caption_id < len(self.texts):
+            raise IndexError(f"caption_id {caption_id} out of range [0, {len(self.texts)})")
+        first = 2 if os.path.splitext(self.path)[1].lower() in TABLE_SUFFIXES else 1
+        row = first + caption_id
+        for blank in self.blank_rows:      # sorted: each blank at or before the row shifts it
+            if blank > row:
+                break
+            row += 1
+        return row
 
     def fingerprint(self) -> str:
         """sha256 of the kept captions: a rerun into the same output must see the same list."""
@@ -79,6 +96,15 @@ def _table_captions(path: str, text: str, delimiter: str, column: str) -> list[s
     return out
 
 
+def split_lines(text: str) -> list[str]:
+    """The lines of a .txt captions file: split at "\n" only (str.splitlines would also split at
+    U+2028, U+0085, form feeds, ...), a trailing "\r" dropped, no empty line after a final "\n"."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def read_captions(path: str, caption_column: str = "caption") -> Captions:
     """Reads and checks a captions file; raises with the file name on any problem."""
     suffix = os.path.splitext(path)[1].lower()
@@ -89,13 +115,15 @@ def read_captions(path: str, caption_column: str = "caption") -> Captions:
     if suffix in TABLE_SUFFIXES:
         raw = _table_captions(path, text, TABLE_SUFFIXES[suffix], caption_column)
     else:
-        raw = text.splitlines()
+        raw = split_lines(text)
+    first = 2 if suffix in TABLE_SUFFIXES else 1
     kept = tuple(c.strip() for c in raw if c.strip())
+    blank_rows = tuple(first + i for i, c in enumerate(raw) if not c.strip())
     if not kept:
         raise ValueError(f"captions file {path!r} holds no captions "
                          f"({len(raw)} lines, all blank)" if raw else
                          f"captions file {path!r} is empty")
-    return Captions(path=path, texts=kept, blank_skipped=len(raw) - len(kept))
+    return Captions(path=path, texts=kept, blank_skipped=len(blank_rows), blank_rows=blank_rows)
 
 
 def tokenize(tokenizer, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
