@@ -306,3 +306,64 @@ def test_bfloat16_compute_keeps_float32_params_and_is_close(close):
     b = bf16.apply(variables, images, train=False)["feats"]
     assert b.dtype == jnp.float32
     close(b, a, 5e-2)
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation: the reference pins timm 0.5.4, whose VisionTransformer.init_weights('') draws
+# cls_token, pos_embed and every Linear weight from trunc_normal_(std=.02) (cut at +-2 absolute,
+# i.e. N(0, 0.02)), zeroes Linear biases, sets LayerNorms to (1, 0) and leaves the patch Conv2d
+# at torch's default; the head and the text tower's MLP keep torch's default Linear init.
+
+
+def _timm_trunc_normal_std(shape, seed=0):
+    """Standard deviation of timm's own trunc_normal_(std=.02) on a tensor of `shape`."""
+    torch.manual_seed(seed)
+    t = torch.empty(shape)
+    timm.layers.trunc_normal_(t, std=0.02)
+    return float(t.std())
+
+
+def test_vit_init_statistics_match_timm_0_5_4():
+    model = build_model(tiny_model_config(), 64)      # width 192, 16 patches + CLS
+    images = jnp.zeros((2, 2, 64, 64, 3), jnp.float32)
+    params = model.init(jax.random.PRNGKey(3), images, train=False)["params"]
+    vit = params["visual"]
+    qkv = np.asarray(vit["blocks_0"]["attn"]["qkv"]["kernel"])        # 192 x 576 draws
+    ref_std = _timm_trunc_normal_std(qkv.shape)
+    assert abs(qkv.std() / ref_std - 1) < 0.02, (qkv.std(), ref_std)   # flax's 2-sigma cut: -12%
+    assert np.mean(np.abs(qkv) > 0.04) == pytest.approx(0.0455, abs=0.005)   # tails beyond 2 sigma
+    for name in ("proj", "qkv"):
+        assert not np.any(np.asarray(vit["blocks_1"]["attn"][name]["bias"]))
+    fc1 = np.asarray(vit["blocks_1"]["mlp"]["fc1"]["kernel"])
+    assert abs(fc1.std() / 0.02 - 1) < 0.02
+    # cls_token is trunc_normal(0.02) in 0.5.4 (newer timm: N(0, 1e-6)); 192 draws: within 20%.
+    cls = np.asarray(vit["cls_token"])
+    assert cls.shape == (1, 1, 192) and 0.016 < cls.std() < 0.024
+    pos = np.asarray(vit["pos_embed"])
+    assert abs(pos.std() / 0.02 - 1) < 0.05
+    # Patch embedding: torch Conv2d default, weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    bound = 1 / np.sqrt(3 * 16 * 16)
+    for leaf in (vit["patch_embed"]["kernel"], vit["patch_embed"]["bias"]):
+        leaf = np.asarray(leaf)
+        assert np.abs(leaf).max() <= bound and np.abs(leaf).max() > 0.9 * bound
+    assert np.all(np.asarray(vit["norm"]["scale"]) == 1) and not np.any(np.asarray(vit["norm"]["bias"]))
+
+
+def test_head_and_text_mlp_biases_use_torch_default_init():
+    head = ProjectionHead(MLP, OUT).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 192)))["params"]
+    ref = torch.nn.Linear(192, MLP)
+    for name, fan_in in (("layer1", 192), ("layer2", MLP), ("layer3", MLP)):
+        bias = np.asarray(head[name]["bias"])
+        bound = 1 / np.sqrt(fan_in)
+        # U(-b, b) has standard deviation b / sqrt(3) = 0.58 b; zeros (the old init) have 0.
+        assert np.abs(bias).max() <= bound and bias.std() > 0.35 * bound, name
+    assert np.asarray(head["layer1"]["bias"]).std() == pytest.approx(
+        float(ref.bias.detach().std()), rel=0.35)
+    text = TextTransformer(vocab_size=64, context_length=8, width=32, depth=1, num_heads=2)
+    tparams = text.init(jax.random.PRNGKey(0), jnp.zeros((2, 8), jnp.int32))["params"]
+    block = tparams["resblocks_0"]
+    assert np.abs(np.asarray(block["mlp"]["c_fc"]["bias"])).max() > 0.5 / np.sqrt(32)
+    assert np.abs(np.asarray(block["mlp"]["c_proj"]["bias"])).max() > 0.5 / np.sqrt(128)
+    # nn.MultiheadAttention zeroes its in_proj and out_proj biases.
+    assert not np.any(np.asarray(block["attn"]["in_proj"]["bias"]))
+    assert not np.any(np.asarray(block["attn"]["out_proj"]["bias"]))

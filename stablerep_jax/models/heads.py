@@ -20,11 +20,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from stablerep_jax.models.vit import KeyMap, linear_entries
+from stablerep_jax.models.vit import KeyMap, linear_entries, torch_bias_init
 
 Dtype = Any
 
-# torch nn.Linear's default init, kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+# torch nn.Linear's default init (the reference leaves the head at it): weight
+# kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), bias the same range.
 _torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
@@ -82,14 +83,15 @@ class ProjectionHead(nn.Module):
         if x.ndim != 3:
             raise ValueError(f"ProjectionHead expects [G, n, D] or [n, D], got {x.shape}")
 
-        def dense(features, name):
-            return nn.Dense(features, dtype=self.dtype, kernel_init=_torch_linear_init, name=name)
+        def dense(x, features, name):
+            return nn.Dense(features, dtype=self.dtype, kernel_init=_torch_linear_init,
+                            bias_init=torch_bias_init(x.shape[-1]), name=name)(x)
 
-        x = dense(self.mlp_dim, "layer1")(x)
+        x = dense(x, self.mlp_dim, "layer1")
         x = nn.relu(GroupBatchNorm(dtype=self.dtype, name="bn1")(x, train))
-        x = dense(self.mlp_dim, "layer2")(x)
+        x = dense(x, self.mlp_dim, "layer2")
         x = nn.relu(GroupBatchNorm(dtype=self.dtype, name="bn2")(x, train))
-        x = dense(self.out_dim, "layer3")(x)
+        x = dense(x, self.out_dim, "layer3")
         return x[0] if squeeze else x
 
 

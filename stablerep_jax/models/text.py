@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from stablerep_jax.models.vit import KeyMap, attention, layer_norm_entries, linear_entries
+from stablerep_jax.models.vit import (KeyMap, attention, layer_norm_entries, linear_entries,
+                                      torch_bias_init)
 
 Dtype = Any
 
@@ -74,7 +75,8 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class _TextMlp(nn.Module):
-    """c_fc -> QuickGELU -> c_proj, with CLIP's init scales."""
+    """c_fc -> QuickGELU -> c_proj, CLIP's weight init scales, torch's default Linear biases
+    (the reference re-initialises only the weights; nn.MultiheadAttention zeroes its biases)."""
     depth: int
     dtype: Dtype = jnp.float32
 
@@ -82,10 +84,12 @@ class _TextMlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         h = nn.Dense(4 * width, dtype=self.dtype, name="c_fc",
-                     kernel_init=nn.initializers.normal((2 * width) ** -0.5))(x)
+                     kernel_init=nn.initializers.normal((2 * width) ** -0.5),
+                     bias_init=torch_bias_init(width))(x)
         proj_std = width ** -0.5 * (2 * self.depth) ** -0.5
         return nn.Dense(width, dtype=self.dtype, name="c_proj",
-                        kernel_init=nn.initializers.normal(proj_std))(quick_gelu(h))
+                        kernel_init=nn.initializers.normal(proj_std),
+                        bias_init=torch_bias_init(4 * width))(quick_gelu(h))
 
 
 class TextTransformer(nn.Module):

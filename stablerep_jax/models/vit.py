@@ -38,8 +38,31 @@ VIT_VARIANTS = {
 
 Dtype = Any
 
-# timm's ViT init: truncated normal 0.02 for position embeddings and linear weights.
-_trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02)
+
+def timm_trunc_normal(std: float = 0.02) -> nn.initializers.Initializer:
+    """timm's `trunc_normal_(t, std=std)`: N(0, std) cut at -2 and 2 *absolute* (timm's a, b).
+
+    With std 0.02 the cut sits at 100 sigma, so this is N(0, 0.02). flax's `truncated_normal`
+    cuts at 2 sigma instead, which leaves a standard deviation of 0.0176, not 0.02.
+    """
+    def init(key, shape, dtype=jnp.float32):
+        return std * jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, dtype)
+    return init
+
+
+def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
+    """torch's default nn.Linear / nn.Conv2d bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+# timm 0.5.4 (the reference's pin) `VisionTransformer.init_weights('')`: trunc_normal(0.02) for
+# pos_embed, cls_token and every Linear weight, zero Linear biases, LayerNorm (1, 0), and the
+# patch-embedding Conv2d left at torch's default init.
+_trunc_normal_02 = timm_trunc_normal(0.02)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -130,14 +153,16 @@ class VisionTransformer(nn.Module):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
                              f"{self.patch_size}")
+        fan_in = 3 * self.patch_size * self.patch_size
         x = nn.Conv(self.width, (self.patch_size, self.patch_size),
                     strides=(self.patch_size, self.patch_size), padding="VALID",
-                    dtype=self.dtype, kernel_init=_patch_embed_init, name="patch_embed")(
+                    dtype=self.dtype, kernel_init=_patch_embed_init,
+                    bias_init=torch_bias_init(fan_in), name="patch_embed")(
                         images.astype(self.dtype))
         n = x.shape[0]
         x = x.reshape(n, -1, self.width)          # row-major patches, as timm's flatten(2)
         num_tokens = x.shape[1] + 1
-        cls = self.param("cls_token", nn.initializers.normal(stddev=1e-6), (1, 1, self.width))
+        cls = self.param("cls_token", _trunc_normal_02, (1, 1, self.width))
         pos = self.param("pos_embed", _trunc_normal_02, (1, num_tokens, self.width))
         x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, self.width)).astype(self.dtype), x],
                             axis=1)
