@@ -1,8 +1,10 @@
 """Frozen-encoder features for evaluation (linear probe, k-NN), sharded over the `data` mesh axis.
 
-The encoder's params are replicated, image batches are split over every device of every host,
-and the features of all hosts are gathered back to every host as numpy with the masked padding
-dropped, so the caller sees each example of a split exactly once, in split order.
+The one home of evaluation features: `load_encoder` (always float32 compute, whatever the run
+trained in), `make_encode_fn` (the jitted encoder) and `split_features` (a whole split, each
+example once, in split order). The encoder's params are replicated, image batches are split over
+every device of every host, and the features of all hosts are gathered back to every host as
+numpy with the masked padding dropped.
 """
 from __future__ import annotations
 
@@ -16,16 +18,26 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from stablerep_jax import checkpoint, parallel
+from stablerep_jax.data import eval_data
 from stablerep_jax.models.encoder import StableRepModel, build_model
+
+# The reference probes in float32 (main_linear.py runs timm in fp32, no autocast), so features
+# are computed in float32 even from a checkpoint whose model config says bfloat16.
+EVAL_DTYPE = "float32"
 
 
 @dataclasses.dataclass
 class Encoder:
-    """A frozen image encoder: the model, its variables and the checkpoint's model config."""
+    """A frozen image encoder: the model (float32 compute), its variables and the checkpoint's
+    model config as saved (`trained_dtype` is the compute dtype the run trained in)."""
     model: StableRepModel
     variables: dict          # {"params": ..., "batch_stats": ...}
     model_config: dict
     image_size: int
+
+    @property
+    def trained_dtype(self) -> str:
+        return str(self.model_config.get("dtype", "float32"))
 
     @property
     def width(self) -> int:
@@ -34,17 +46,24 @@ class Encoder:
 
 def load_encoder(path: str, step: Optional[int] = None,
                  image_size: Optional[int] = None) -> Encoder:
-    """Reads a `train` / `convert` checkpoint; `image_size` defaults to the checkpoint's own
-    (the ViT's position embedding fixes it, so another size is an error naming both)."""
+    """Reads a `train` / `convert` checkpoint for evaluation, computing in `EVAL_DTYPE`.
+    `image_size` defaults to the checkpoint's own (the ViT's position embedding fixes it, so
+    another size is an error naming both)."""
     params, batch_stats, model_config = checkpoint.load_model(path, step)
     trained_size = int(model_config["image_size"])
     if image_size is not None and int(image_size) != trained_size:
         raise ValueError(f"image_size={image_size}, but the checkpoint {path} was built for "
                          f"{trained_size}x{trained_size} images (its position embedding); leave "
                          "image_size unset or set it to that")
-    model = build_model(model_config, trained_size)
+    model = build_model(eval_model_config(model_config), trained_size)
     return Encoder(model, {"params": params, "batch_stats": batch_stats}, model_config,
                    trained_size)
+
+
+def eval_model_config(model_config) -> dict:
+    """The checkpoint's model config with the compute dtype set to `EVAL_DTYPE` (params are
+    stored in float32 either way, so nothing is lost by computing in float32)."""
+    return {**dict(model_config), "dtype": EVAL_DTYPE}
 
 
 def make_encode_fn(model: StableRepModel, mesh) -> Callable:
@@ -98,3 +117,16 @@ def _gather_host_arrays(tree: dict) -> dict:
         return {k: np.asarray(v) for k, v in tree.items()}
     return {k: np.asarray(multihost_utils.process_allgather(np.asarray(v), tiled=True))
             for k, v in tree.items()}
+
+
+def split_features(encode_fn: Callable, variables: Any, split, image_size: int, batch_size: int,
+                   mesh, desc: str = "features") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features, labels, indices) of every example of an eval_data split, centre-crop views
+    (`eval_data.eval_view`), in split order; `batch_size` is the global batch, a multiple of
+    the mesh's devices (rounded down to one, at least one per device)."""
+    n_dev = mesh.shape[parallel.DATA_AXIS]
+    batch_size = max(n_dev, batch_size // n_dev * n_dev)
+    batches = eval_data.eval_batches(split, image_size, batch_size, jax.process_index(),
+                                     jax.process_count())
+    steps = eval_data.num_eval_batches(split, batch_size, jax.process_count())
+    return extract_features(encode_fn, variables, batches, mesh, steps, desc)

@@ -77,15 +77,15 @@ class KnnMonitor:
     """k-NN accuracy of a model's current params on a labelled dataset (training monitor).
 
     Build once (dataset checks, compiled encoder); call with the params at any step. `batch_size`
-    is the global batch of the frozen encoder (rounded down to a multiple of the devices).
+    is the global batch of the frozen encoder (`features.split_features` rounds it down to a
+    multiple of the devices).
     """
 
     def __init__(self, model, data: eval_data.EvalDataset, image_size: int, mesh, k: int = 20,
                  temperature: float = 0.07, batch_size: int = 256):
         self.data, self.mesh, self.image_size = data, mesh, int(image_size)
         self.k, self.temperature = int(k), float(temperature)
-        n_dev = mesh.shape[parallel.DATA_AXIS]
-        self.batch_size = max(n_dev, batch_size // n_dev * n_dev)
+        self.batch_size = int(batch_size)
         self.encode = features_lib.make_encode_fn(model, mesh)
 
     @classmethod
@@ -96,11 +96,8 @@ class KnnMonitor:
         return cls(model, data, image_size, mesh, knn_config.k, knn_config.temperature, batch_size)
 
     def features(self, variables, split, desc: str):
-        batches = eval_data.eval_batches(split, self.image_size, self.batch_size,
-                                         jax.process_index(), jax.process_count())
-        steps = eval_data.num_eval_batches(split, self.batch_size, jax.process_count())
-        return features_lib.extract_features(self.encode, variables, batches, self.mesh, steps,
-                                             desc)
+        return features_lib.split_features(self.encode, variables, split, self.image_size,
+                                           self.batch_size, self.mesh, desc)
 
     def __call__(self, params, batch_stats=None) -> dict:
         """{"knn_top1", "knn_top5", ...} for these params (replicated or host arrays)."""

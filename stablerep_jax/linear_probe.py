@@ -3,30 +3,38 @@ r"""Linear probe on frozen CLS features: every base lr of a sweep trained side b
   python -m stablerep_jax.linear_probe --config=configs/linear_probe.py:imagenet2012 \
       --config.checkpoint=RUN_DIR --config.data_dir=/data/tfds --workdir=RUN_DIR/probe
 
-The reference protocol: SGD momentum 0.9, no weight decay, lr = blr x batch / 256 with a cosine
-schedule, optional BatchNorm without affine before the linear layer, heads initialised with a
-truncated normal of std 0.01. All heads share each batch (same data order), so the sweep is one
-vmapped update over stacked heads: it equals running each lr alone. Modes:
-  cached_features  centre-crop features are extracted once; an epoch is one compiled scan
-  augmented        RandomResizedCrop + flip views go through the frozen encoder every step
+The reference protocol (StableRep/main_linear.py), which the presets run by default: features
+of the frozen encoder in float32; classifiers trained on fresh RandomResizedCrop + flip views
+every epoch (mode "augmented"); SGD momentum 0.9, no weight decay, lr = blr x batch / 256 with
+a per-step cosine schedule to 0, batch 1024, 90 epochs, 10 base lrs side by side; heads N(0,
+0.01) with zero bias; optional BatchNorm without affine (eps 1e-6) before the linear layer;
+the test split evaluated every `eval_every` epochs (and after the last), and the result is the
+best top-1 over (epoch, lr). All heads share each batch (same data order), so the sweep is one
+vmapped update over stacked heads: it equals running each lr alone.
+
+Mode "cached_features" is a deviation for speed: centre-crop features of the training split are
+extracted once and every epoch is one compiled scan over them (no augmentation).
+
 Batches are sharded over the `data` mesh axis (every device of every host); BatchNorm statistics
 and the loss are over the global batch. Test accuracy counts every test example exactly once
-(padding is masked). Writes WORKDIR/results.json, metrics.jsonl + TensorBoard, best_head/.
+(padding is masked). Process 0 writes WORKDIR/results.json, metrics.jsonl + TensorBoard and
+best_head.npz (the head at the best (epoch, lr)), through `fileio` (local paths, gs://).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import io
+import json
 import os
 import time
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
@@ -36,11 +44,12 @@ from stablerep_jax import checkpoint, fileio, knn, parallel
 from stablerep_jax.data import eval_data
 from stablerep_jax.metrics import MetricWriter
 
-MODES = ("cached_features", "augmented")
-BN_EPS = 1e-6          # the reference: BatchNorm1d(affine=False, eps=1e-6)
+MODES = ("augmented", "cached_features")
+BN_EPS = 1e-6          # the reference: SyncBatchNorm(affine=False, eps=1e-6)
 BN_MOMENTUM = 0.1      # PyTorch convention: running = 0.9 running + 0.1 batch
-INIT_STD = 0.01
-BEST_HEAD = "best_head"
+INIT_STD = 0.01        # the reference: weight.normal_(0, 0.01), bias zero
+BEST_HEAD = "best_head.npz"
+RESULTS = "results.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,9 +78,10 @@ class HeadHParams:
 
 
 def init_heads(seed: int, num_heads: int, dim: int, num_classes: int) -> HeadState:
-    """Every head starts from the same weights (so each equals a run with its lr alone)."""
-    kernel = INIT_STD * jax.random.truncated_normal(jax.random.PRNGKey(seed), -2.0, 2.0,
-                                                    (dim, num_classes), jnp.float32)
+    """Weights N(0, INIT_STD), biases 0, as the reference. Every head starts from the same draw
+    (the reference draws one per head) so that each equals a run with its lr alone."""
+    kernel = INIT_STD * jax.random.normal(jax.random.PRNGKey(seed), (dim, num_classes),
+                                          jnp.float32)
     kernel = jnp.broadcast_to(kernel, (num_heads, dim, num_classes))
     bias = jnp.zeros((num_heads, num_classes), jnp.float32)
     return HeadState(step=jnp.zeros((), jnp.int32), kernel=kernel, bias=bias,
@@ -159,6 +169,15 @@ def _global_from_host(mesh, array: np.ndarray, spec: P) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def make_hparams(lrs: Sequence[float], epochs: int, steps_per_epoch: int,
+                 momentum: float = 0.9, weight_decay: float = 0.0, warmup_epochs: float = 0.0,
+                 use_bn: bool = False) -> HeadHParams:
+    return HeadHParams(lrs=tuple(float(x) for x in lrs), total_steps=epochs * steps_per_epoch,
+                       warmup_steps=int(round(warmup_epochs * steps_per_epoch)),
+                       momentum=float(momentum), weight_decay=float(weight_decay),
+                       use_bn=bool(use_bn))
+
+
 def make_epoch_fn(hp: HeadHParams, mesh):
     """jit(state, feats [S, B, D], labels [S, B]) -> (state, losses [S, H]): one epoch, one scan."""
     def epoch(state, feats, labels):
@@ -170,36 +189,136 @@ def make_epoch_fn(hp: HeadHParams, mesh):
                    donate_argnums=(0,))
 
 
-def train_heads_on_features(feats: np.ndarray, labels: np.ndarray, num_classes: int,
-                            hp_lrs: Sequence[float], epochs: int, batch_size: int, mesh,
-                            seed: int = 0, momentum: float = 0.9, weight_decay: float = 0.0,
-                            warmup_epochs: float = 0.0, use_bn: bool = False,
-                            on_epoch=None) -> tuple[HeadState, np.ndarray]:
-    """Trains one head per absolute lr in `hp_lrs` on cached features (every host holds all of
-    them). Returns the final state and the mean training loss per epoch and head [E, H].
-    `on_epoch(epoch, state, losses)` is called after each epoch (evaluation, logging)."""
+def cached_epoch_runner(feats: np.ndarray, labels: np.ndarray, hp: HeadHParams, batch_size: int,
+                        mesh, seed: int = 0) -> Callable:
+    """`run_epoch(state, epoch) -> (state, mean loss [H])` on cached features (every host holds
+    all of them): a fresh permutation per epoch, remainder dropped, one compiled scan."""
     steps = len(feats) // batch_size
     if steps == 0:
         raise ValueError(f"batch_size {batch_size} is larger than the {len(feats)} training examples")
-    hp = HeadHParams(lrs=tuple(float(x) for x in hp_lrs), total_steps=epochs * steps,
-                     warmup_steps=int(round(warmup_epochs * steps)), momentum=float(momentum),
-                     weight_decay=float(weight_decay), use_bn=bool(use_bn))
-    state = jax.device_put(init_heads(seed, len(hp.lrs), feats.shape[1], num_classes),
-                           parallel.replicated(mesh))
     epoch_fn = make_epoch_fn(hp, mesh)
     feats = np.asarray(feats, np.float32)
     labels = np.asarray(labels, np.int32)
-    history = []
-    for epoch in tqdm(range(epochs), desc="probe epochs", unit="epoch",
-                      disable=jax.process_index() != 0):
+    spec = P(None, parallel.DATA_AXIS)
+
+    def run_epoch(state, epoch):
         order = _epoch_order(seed, epoch, len(feats), steps, batch_size)
-        spec = P(None, parallel.DATA_AXIS)
         state, losses = epoch_fn(state, _global_from_host(mesh, feats[order], spec),
                                  _global_from_host(mesh, labels[order], spec))
-        history.append(np.asarray(jax.device_get(losses)).mean(axis=0))
-        if on_epoch is not None:
-            on_epoch(epoch, state, history[-1])
-    return state, np.stack(history)
+        return state, jnp.mean(losses, axis=0)
+
+    return run_epoch
+
+
+def make_augmented_step(encode_fn, hp: HeadHParams, mesh):
+    """jit(state, encoder variables, images [B, S, S, 3], labels [B]) -> (state, losses [H])."""
+    def step(state, variables, images, labels):
+        feats = jax.lax.stop_gradient(encode_fn(variables, images))
+        return head_step(state, (feats, labels), hp)
+
+    rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    return jax.jit(step, in_shardings=(rep, rep, data, data), out_shardings=(rep, rep),
+                   donate_argnums=(0,))
+
+
+def augmented_epoch_runner(split, encode_fn, variables, hp: HeadHParams, batch_size: int,
+                           image_size: int, mesh, seed: int = 0,
+                           shuffle_buffer: int = 50_000) -> Callable:
+    """`run_epoch(state, epoch) -> (state, mean loss [H])` of the reference: every step encodes
+    fresh RandomResizedCrop + flip views (`eval_data.train_batches`) with the frozen encoder."""
+    step_fn = make_augmented_step(encode_fn, hp, mesh)
+
+    def run_epoch(state, epoch):
+        losses = []
+        for host_batch in eval_data.train_batches(split, image_size, batch_size, seed, epoch,
+                                                  shuffle_buffer, jax.process_index(),
+                                                  jax.process_count()):
+            g = parallel.global_batch(mesh, {"image": host_batch["image"],
+                                             "label": host_batch["label"]})
+            state, loss = step_fn(state, variables, g["image"], g["label"])
+            losses.append(loss)
+        return state, jnp.mean(jnp.stack(losses), axis=0)
+
+    return run_epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    epoch: int               # 1-based: after this many epochs
+    top1: np.ndarray         # [H] fractions
+    top5: np.ndarray
+
+
+@dataclasses.dataclass
+class FitResult:
+    state: HeadState
+    history: np.ndarray              # [epochs, H] mean training loss
+    evaluations: list                # [Evaluation], in epoch order
+    best_head: Optional[dict] = None  # host copy of the head at the best (epoch, lr)
+
+
+def eval_epochs(epochs: int, eval_every: int) -> tuple[int, ...]:
+    """The 1-based epochs after which the heads are tested: every `eval_every` epochs, as the
+    reference's (epoch + 1) % eval_freq == 0, plus the last epoch (0 = the last only)."""
+    every = range(eval_every, epochs + 1, eval_every) if eval_every > 0 else ()
+    return tuple(sorted(set(every) | {epochs}))
+
+
+def select_best(top1_grid) -> tuple[int, int]:
+    """(evaluation index, head index) of the best top-1 in an [evaluations, heads] grid, picked
+    as the reference does: the highest; a tie goes to the earlier evaluation, then to the
+    earlier lr of the list (it scans epochs then lrs and keeps the first strict maximum)."""
+    grid = np.asarray(top1_grid)
+    if grid.ndim != 2 or grid.size == 0:
+        raise ValueError(f"need a non-empty [evaluations, heads] grid, got shape {grid.shape}")
+    return divmod(int(np.argmax(grid)), grid.shape[1])    # argmax: first in row-major order
+
+
+def head_arrays(state: HeadState, index: int) -> dict:
+    """Host copies of head `index` (kernel [D, C], bias [C]) and the shared BN statistics."""
+    return {"kernel": np.array(state.kernel[index]), "bias": np.array(state.bias[index]),
+            "bn_mean": np.array(state.bn_mean), "bn_var": np.array(state.bn_var)}
+
+
+def fit_heads(state: HeadState, run_epoch: Callable, epochs: int,
+              evaluate: Optional[Callable] = None, eval_at: Sequence[int] = (),
+              log: Optional[Callable] = None) -> FitResult:
+    """Trains the stacked heads for `epochs` epochs with `run_epoch(state, epoch) -> (state,
+    mean loss [H])` (either mode). After each epoch in `eval_at` (1-based) it tests them with
+    `evaluate(state) -> (top1 [H], top5 [H])` and keeps a host copy of the head at the best
+    (epoch, lr) so far (`select_best`'s rule). `log(epoch, losses, evaluation or None)`."""
+    history, evaluations, best_head, best_top1 = [], [], None, -np.inf
+    for epoch in tqdm(range(epochs), desc="probe epochs", unit="epoch",
+                      disable=jax.process_index() != 0):
+        state, losses = run_epoch(state, epoch)
+        history.append(np.asarray(jax.device_get(losses), np.float64))
+        evaluation = None
+        if evaluate is not None and epoch + 1 in eval_at:
+            top1, top5 = evaluate(state)
+            evaluation = Evaluation(epoch + 1, np.asarray(top1), np.asarray(top5))
+            evaluations.append(evaluation)
+            head = int(np.argmax(evaluation.top1))
+            if evaluation.top1[head] > best_top1:
+                best_top1, best_head = float(evaluation.top1[head]), head_arrays(state, head)
+        if log is not None:
+            log(epoch + 1, history[-1], evaluation)
+    return FitResult(state, np.stack(history), evaluations, best_head)
+
+
+def train_heads_on_features(feats: np.ndarray, labels: np.ndarray, num_classes: int,
+                            hp_lrs: Sequence[float], epochs: int, batch_size: int, mesh,
+                            seed: int = 0, momentum: float = 0.9, weight_decay: float = 0.0,
+                            warmup_epochs: float = 0.0,
+                            use_bn: bool = False) -> tuple[HeadState, np.ndarray]:
+    """Trains one head per absolute lr in `hp_lrs` on cached features, without evaluation.
+    Returns the final state and the mean training loss per epoch and head [E, H]."""
+    hp = make_hparams(hp_lrs, epochs, len(feats) // batch_size, momentum, weight_decay,
+                      warmup_epochs, use_bn)
+    run_epoch = cached_epoch_runner(feats, labels, hp, batch_size, mesh, seed)
+    state = jax.device_put(init_heads(seed, len(hp.lrs), feats.shape[1], num_classes),
+                           parallel.replicated(mesh))
+    fit = fit_heads(state, run_epoch, epochs)
+    return fit.state, fit.history
 
 
 def evaluate_heads(state: HeadState, feats: np.ndarray, labels: np.ndarray, num_classes: int,
@@ -224,17 +343,6 @@ def evaluate_heads(state: HeadState, feats: np.ndarray, labels: np.ndarray, num_
     return hits1 / len(feats), hits5 / len(feats)
 
 
-def make_augmented_step(encode_fn, hp: HeadHParams, mesh):
-    """jit(state, encoder variables, images [B, S, S, 3], labels [B]) -> (state, losses [H])."""
-    def step(state, variables, images, labels):
-        feats = jax.lax.stop_gradient(encode_fn(variables, images))
-        return head_step(state, (feats, labels), hp)
-
-    rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    return jax.jit(step, in_shardings=(rep, rep, data, data), out_shardings=(rep, rep),
-                   donate_argnums=(0,))
-
-
 # --------------------------------------------------------------------------------------------
 # The job
 
@@ -247,7 +355,8 @@ def check_config(config) -> None:
     lrs = tuple(config.base_lrs)
     if not lrs or any(float(x) <= 0 for x in lrs) or len(set(lrs)) != len(lrs):
         raise ValueError(f"base_lrs={lrs}: need distinct positive values")
-    for field, low in (("epochs", 1), ("batch_size", 1), ("extract_batch_size", 1)):
+    for field, low in (("epochs", 1), ("batch_size", 1), ("extract_batch_size", 1),
+                       ("eval_every", 0)):
         if config[field] < low:
             raise ValueError(f"{field}={config[field]}: must be >= {low}")
     if not 0.0 <= config.momentum < 1.0 or config.weight_decay < 0:
@@ -274,8 +383,48 @@ def _lr_key(base_lr: float) -> str:
     return f"{float(base_lr):g}"
 
 
+def _epoch_logger(writer: MetricWriter, base_lrs: Sequence[float]) -> Callable:
+    """`fit_heads`' log: training loss per lr every epoch, test top-1/top-5 when evaluated."""
+    def log(epoch, losses, evaluation):
+        scalars = {f"train_loss/blr={_lr_key(b)}": float(v) for b, v in zip(base_lrs, losses)}
+        if evaluation is not None:
+            for name, values in (("test_top1", evaluation.top1), ("test_top5", evaluation.top5)):
+                scalars.update({f"{name}/blr={_lr_key(b)}": float(v)
+                                for b, v in zip(base_lrs, values)})
+        writer.write(epoch, scalars)
+    return log
+
+
+def summarize(fit: FitResult, base_lrs: Sequence[float], lrs: Sequence[float]) -> dict:
+    """The sweep's results: the best (epoch, lr) overall, each lr's best epoch, the final epoch
+    and the whole (epoch, lr) grid of test accuracies."""
+    epochs = [e.epoch for e in fit.evaluations]
+    top1 = np.stack([e.top1 for e in fit.evaluations])            # [E, H]
+    top5 = np.stack([e.top5 for e in fit.evaluations])
+    e_best, h_best = select_best(top1)
+    per_lr_epoch = np.argmax(top1, axis=0)                        # first best evaluation per lr
+    keys = [_lr_key(b) for b in base_lrs]
+    per_lr = [{"base_lr": float(b), "lr": float(lr), "top1": float(top1[per_lr_epoch[h], h]),
+               "top5": float(top5[per_lr_epoch[h], h]), "best_epoch": epochs[per_lr_epoch[h]],
+               "final_top1": float(top1[-1, h]), "final_top5": float(top5[-1, h]),
+               "final_train_loss": float(fit.history[-1, h])}
+              for h, (b, lr) in enumerate(zip(base_lrs, lrs))]
+    return {
+        "best_top1": float(top1[e_best, h_best]), "best_top5": float(top5[e_best, h_best]),
+        "best_lr": float(base_lrs[h_best]), "best_abs_lr": float(lrs[h_best]),
+        "best_epoch": epochs[e_best],
+        "top1": {k: row["top1"] for k, row in zip(keys, per_lr)},
+        "top5": {k: row["top5"] for k, row in zip(keys, per_lr)},
+        "final_top1": {k: row["final_top1"] for k, row in zip(keys, per_lr)},
+        "per_lr": per_lr,
+        "grid": {"epochs": epochs, "base_lrs": [float(b) for b in base_lrs],
+                 "top1": top1.tolist(), "top5": top5.tolist()},
+    }
+
+
 def run(config, workdir: str, mesh=None) -> dict:
-    """Probes `config.checkpoint` on `config.dataset`; returns and writes results.json."""
+    """Probes `config.checkpoint` on `config.dataset`; returns the results, which process 0
+    writes to WORKDIR/results.json (and the best head to WORKDIR/best_head.npz)."""
     start = time.time()
     check_config(config)
     # Cheap checks first: the checkpoint path, then the dataset, before any device work.
@@ -293,127 +442,80 @@ def run(config, workdir: str, mesh=None) -> dict:
                  config.checkpoint, data.name, data.num_classes, data.train.num_examples,
                  data.test.num_examples, n_dev, batch, config.mode)
 
-    monitor = knn.KnnMonitor(encoder.model, data, encoder.image_size, mesh, config.knn.k,
-                             config.knn.temperature, config.extract_batch_size)
+    encode_fn = features_lib.make_encode_fn(encoder.model, mesh)
     variables = features_lib.replicate(encoder.variables, mesh)
-    test_f, test_l, _ = monitor.features(variables, data.test, "test features")
+    extract = functools.partial(features_lib.split_features, encode_fn, variables,
+                                image_size=encoder.image_size,
+                                batch_size=config.extract_batch_size, mesh=mesh)
+    test_f, test_l, _ = extract(data.test, desc="test features")
     train_f = train_l = None
     if config.mode == "cached_features" or config.knn.enabled:
-        train_f, train_l, _ = monitor.features(variables, data.train, "train features")
+        train_f, train_l, _ = extract(data.train, desc="train features")
 
+    hp = make_hparams(lrs, config.epochs, eval_data.train_steps_per_epoch(data.train, batch),
+                      config.momentum, config.weight_decay, config.warmup_epochs, config.use_bn)
+    if config.mode == "cached_features":
+        run_epoch = cached_epoch_runner(train_f, train_l, hp, batch, mesh, config.seed)
+    else:
+        run_epoch = augmented_epoch_runner(data.train, encode_fn, variables, hp, batch,
+                                           encoder.image_size, mesh, config.seed,
+                                           config.shuffle_buffer)
+    state = jax.device_put(init_heads(config.seed, len(lrs), encoder.width, data.num_classes),
+                           parallel.replicated(mesh))
     writer = MetricWriter(workdir)
-    eval_every = config.eval_every
-
-    def on_epoch(epoch, state, losses):
-        scalars = {f"train_loss/blr={_lr_key(b)}": float(v) for b, v in zip(base_lrs, losses)}
-        if eval_every > 0 and (epoch + 1) % eval_every == 0 and epoch + 1 < config.epochs:
-            top1, _ = evaluate_heads(state, test_f, test_l, data.num_classes, config.use_bn, mesh)
-            scalars.update({f"test_top1/blr={_lr_key(b)}": float(v) for b, v in zip(base_lrs, top1)})
-        writer.write(epoch + 1, scalars)
-
     try:
-        if config.mode == "cached_features":
-            state, history = train_heads_on_features(
-                train_f, train_l, data.num_classes, lrs, config.epochs, batch, mesh,
-                seed=config.seed, momentum=config.momentum, weight_decay=config.weight_decay,
-                warmup_epochs=config.warmup_epochs, use_bn=config.use_bn, on_epoch=on_epoch)
-        else:
-            state, history = _train_augmented(config, data, monitor, variables, encoder.width,
-                                              lrs, batch, mesh, on_epoch)
-        top1, top5 = evaluate_heads(state, test_f, test_l, data.num_classes, config.use_bn, mesh)
-        writer.write(config.epochs, {**{f"test_top1/blr={_lr_key(b)}": float(v)
-                                        for b, v in zip(base_lrs, top1)},
-                                     **{f"test_top5/blr={_lr_key(b)}": float(v)
-                                        for b, v in zip(base_lrs, top5)}})
+        fit = fit_heads(state, run_epoch, config.epochs,
+                        lambda s: evaluate_heads(s, test_f, test_l, data.num_classes,
+                                                 config.use_bn, mesh),
+                        eval_epochs(config.epochs, config.eval_every),
+                        _epoch_logger(writer, base_lrs))
     finally:
         writer.close()
 
-    best = int(np.argmax(top1))
-    results = {
-        "best_top1": float(top1[best]), "best_top5": float(top5[best]),
-        "best_lr": base_lrs[best], "best_abs_lr": lrs[best],
-        "top1": {_lr_key(b): float(v) for b, v in zip(base_lrs, top1)},
-        "top5": {_lr_key(b): float(v) for b, v in zip(base_lrs, top5)},
-        "per_lr": [{"base_lr": b, "lr": lr, "top1": float(t1), "top5": float(t5),
-                    "final_train_loss": float(loss)}
-                   for b, lr, t1, t5, loss in zip(base_lrs, lrs, top1, top5, history[-1])],
+    results = summarize(fit, base_lrs, lrs)
+    results.update({
         "dataset": data.name, "checkpoint": str(config.checkpoint), "mode": config.mode,
-        "use_bn": bool(config.use_bn), "epochs": int(config.epochs), "batch_size": batch,
+        "use_bn": bool(config.use_bn), "epochs": int(config.epochs),
+        "eval_every": int(config.eval_every), "batch_size": batch,
         "num_classes": data.num_classes, "num_train": data.train.num_examples,
         "num_test": data.test.num_examples, "image_size": encoder.image_size,
-        "feature_dim": encoder.width, "devices": n_dev,
-    }
+        "feature_dim": encoder.width, "feature_dtype": features_lib.EVAL_DTYPE,
+        "checkpoint_dtype": encoder.trained_dtype, "devices": n_dev,
+    })
     if config.knn.enabled:
         results.update(knn.knn_classify(train_f, train_l, test_f, test_l, data.num_classes,
                                         config.knn.k, config.knn.temperature, mesh))
-    save_head(os.path.join(workdir, BEST_HEAD), state, best, {
-        "base_lr": base_lrs[best], "lr": lrs[best], "top1": float(top1[best]),
-        "use_bn": bool(config.use_bn), "class_names": list(data.class_names),
-        "checkpoint": str(config.checkpoint), "dataset": data.name})
     results["seconds"] = round(time.time() - start, 1)
     if jax.process_index() == 0:
-        fileio.write_json_atomic(os.path.join(workdir, "results.json"), results)
-    logging.info("best top-1 %.4f at base lr %g (%s)", results["best_top1"], results["best_lr"],
+        save_head(os.path.join(workdir, BEST_HEAD), fit.best_head, {
+            "base_lr": results["best_lr"], "lr": results["best_abs_lr"],
+            "epoch": results["best_epoch"], "top1": results["best_top1"],
+            "use_bn": bool(config.use_bn), "class_names": list(data.class_names),
+            "checkpoint": str(config.checkpoint), "dataset": data.name})
+        fileio.write_json_atomic(os.path.join(workdir, RESULTS), results)
+    logging.info("best top-1 %.4f at base lr %g after epoch %d (%s)", results["best_top1"],
+                 results["best_lr"], results["best_epoch"],
                  ", ".join(f"{k}: {v:.4f}" for k, v in results["top1"].items()))
     return results
 
 
-def _train_augmented(config, data, monitor, variables, width, lrs, batch, mesh, on_epoch):
-    """The reference protocol: fresh RandomResizedCrop + flip views every epoch."""
-    steps = eval_data.train_steps_per_epoch(data.train, batch)
-    hp = HeadHParams(lrs=lrs, total_steps=config.epochs * steps,
-                     warmup_steps=int(round(config.warmup_epochs * steps)),
-                     momentum=float(config.momentum), weight_decay=float(config.weight_decay),
-                     use_bn=bool(config.use_bn))
-    state = jax.device_put(init_heads(config.seed, len(lrs), width, data.num_classes),
-                           parallel.replicated(mesh))
-    step_fn = make_augmented_step(monitor.encode, hp, mesh)
-    history = []
-    for epoch in tqdm(range(config.epochs), desc="probe epochs", unit="epoch",
-                      disable=jax.process_index() != 0):
-        losses = []
-        for host_batch in eval_data.train_batches(
-                data.train, monitor.image_size, batch, config.seed, epoch, config.shuffle_buffer,
-                jax.process_index(), jax.process_count()):
-            g = parallel.global_batch(mesh, {"image": host_batch["image"],
-                                             "label": host_batch["label"]})
-            state, loss = step_fn(state, variables, g["image"], g["label"])
-            losses.append(loss)
-        history.append(np.mean(np.asarray(jax.device_get(losses)), axis=0))
-        on_epoch(epoch, state, history[-1])
-    return state, np.stack(history)
-
-
 # --------------------------------------------------------------------------------------------
-# Best head checkpoint
+# Best head
 
 
-def save_head(path: str, state: HeadState, index: int, meta: dict) -> None:
-    """Head `index` (kernel [D, C], bias [C], BN running statistics) + JSON meta, via orbax
-    (written to a temporary name and renamed; every process must call it)."""
-    head = {"kernel": np.asarray(jax.device_get(state.kernel[index])),
-            "bias": np.asarray(jax.device_get(state.bias[index])),
-            "bn_mean": np.asarray(jax.device_get(state.bn_mean)),
-            "bn_var": np.asarray(jax.device_get(state.bn_var))}
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    try:
-        checkpointer.save(os.path.abspath(path), force=True, args=ocp.args.Composite(
-            head=ocp.args.StandardSave(head), meta=ocp.args.JsonSave(meta)))
-    finally:
-        checkpointer.close()
+def save_head(path: str, head: dict, meta: dict) -> str:
+    """One .npz holding a head's arrays (`head_arrays`) and its JSON meta, written atomically
+    through `fileio` (local path or gs:// URL). Returns `path`."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **head, meta_json=np.array(json.dumps(meta, sort_keys=True)))
+    return fileio.write_bytes_atomic(path, buffer.getvalue())
 
 
 def load_head(path: str) -> tuple[dict, dict]:
-    """(head arrays, meta) of a `save_head` directory."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no probe head at {path}")
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    try:
-        out = checkpointer.restore(os.path.abspath(path), args=ocp.args.Composite(
-            head=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    finally:
-        checkpointer.close()
-    return {k: np.asarray(v) for k, v in out["head"].items()}, dict(out["meta"])
+    """(head arrays, meta) of a `save_head` file."""
+    with np.load(io.BytesIO(fileio.read_bytes(path)), allow_pickle=False) as archive:
+        meta = json.loads(str(archive["meta_json"]))
+        return {k: archive[k] for k in archive.files if k != "meta_json"}, meta
 
 
 def predict(head: dict, feats: np.ndarray, use_bn: bool) -> np.ndarray:
@@ -431,5 +533,5 @@ def main(config):
 
 if __name__ == "__main__":
     from stablerep_jax import cli
-    cli.define_job_flags("results.json, metrics, TensorBoard and best_head/ go here")
+    cli.define_job_flags("results.json, metrics, TensorBoard and best_head.npz go here")
     cli.run(main)

@@ -18,13 +18,15 @@ MODEL_CONFIG = {"variant": "tiny", "depth": 1, "patch_size": 8, "mlp_dim": 32, "
                 "dtype": "float32", "image_size": IMAGE_SIZE}
 
 
-def save_tiny_encoder(directory: str, seed: int = 0) -> str:
-    """A 1-block ViT-Tiny (width 192, 32px, patch 8), random init, saved like `train` does."""
-    model = build_model(MODEL_CONFIG, IMAGE_SIZE)
+def save_tiny_encoder(directory: str, seed: int = 0, dtype: str = "float32") -> str:
+    """A 1-block ViT-Tiny (width 192, 32px, patch 8), random init, saved like `train` does
+    (`dtype` is the compute dtype its model config records, as a bf16 training run's does)."""
+    model_config = {**MODEL_CONFIG, "dtype": dtype}
+    model = build_model(model_config, IMAGE_SIZE)
     variables = model.init(jax.random.PRNGKey(seed),
                            jnp.zeros((2, 2, IMAGE_SIZE, IMAGE_SIZE, 3)), train=False)
     checkpoint.save_model(directory, 0, variables["params"], variables.get("batch_stats", {}),
-                          MODEL_CONFIG)
+                          model_config)
     return directory
 
 
@@ -50,10 +52,12 @@ def write_tinted_folder(root: str, train_per_class: int, test_per_class: int,
 
 
 def probe_config(checkpoint_dir: str, folder: str, **overrides):
-    """The default preset (what the demo loads) pointed at a folder, sized for tests."""
+    """The default preset (what the demo loads) pointed at a folder, sized for tests, in the
+    fast cached-features mode unless `mode="augmented"` is passed."""
     c = config_utils.load_config(os.path.join(REPO, "configs", "linear_probe.py"))
     c.checkpoint = checkpoint_dir
     c.dataset = f"folder:{folder}"
+    c.mode = "cached_features"
     c.epochs = 30
     c.batch_size = 48
     c.extract_batch_size = 40          # 96 test images -> 3 batches, the last one padded

@@ -5,6 +5,11 @@ name, unprepared TFDS data, missing split, empty folder) and names the culprit. 
 its examples in a fixed order; a host reads one contiguous slice of it. Batches for evaluation
 are padded with masked blanks so that every host yields the same number of batches and every
 example counts exactly once (never a repeated sample); training batches drop the remainder.
+
+The views are the reference's (`main_linear.py`, torchvision on PIL images): for evaluation
+Resize(256) (shorter side, bilinear) + CenterCrop(224); for training the classifiers
+RandomResizedCrop(224, scale 0.08-1, ratio 3/4-4/3, bilinear) + RandomHorizontalFlip; both then
+ImageNet mean/std. Sizes other than 224 keep the 256/224 ratio.
 """
 from __future__ import annotations
 
@@ -22,6 +27,10 @@ from stablerep_jax.data import augment
 FOLDER_PREFIX = "folder:"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")      # what tfds.folder_dataset.ImageFolder reads
 DEFAULT_TEST_SPLITS = ("test", "validation", "val")
+EVAL_RESIZE = (256, 224)               # Resize(256) then CenterCrop(224)
+TRAIN_CROP_SCALE = (0.08, 1.0)         # torchvision RandomResizedCrop defaults
+TRAIN_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+FLIP_PROB = 0.5
 # (train, test) splits of TFDS datasets whose evaluation split is not simply "test" (ImageNet's
 # "test" split has no labels) or whose reference training set is train + validation.
 STANDARD_SPLITS = {
@@ -223,6 +232,55 @@ def _load_tfds(name: str, data_dir, train_split, test_split, image_key, label_ke
 
 
 # --------------------------------------------------------------------------------------------
+# Views: the reference's torchvision transforms
+
+
+def eval_resize_size(size: int) -> int:
+    """The shorter side before the centre crop: 256 for 224, the same ratio otherwise."""
+    return size * EVAL_RESIZE[0] // EVAL_RESIZE[1]
+
+
+def _round_half_even_half(diff):
+    """round(diff / 2) as Python rounds (half to even): torchvision's CenterCrop offset."""
+    half = diff // 2
+    return half + (diff % 2) * (half % 2)
+
+
+def eval_view(image_uint8, size: int, dtype="float32") -> tf.Tensor:
+    """torchvision Resize(eval_resize_size(size)) + CenterCrop(size) + normalise: the shorter
+    side becomes `short`, the longer int(short * long / shorter) (truncated, as torchvision)."""
+    shape = tf.shape(image_uint8)
+    h, w = shape[0], shape[1]
+    short = eval_resize_size(size)
+    new_h = tf.where(h <= w, short, short * h // w)
+    new_w = tf.where(h <= w, short * w // h, short)
+    image = augment.resize(tf.cast(image_uint8, tf.float32), new_h, new_w)
+    top, left = _round_half_even_half(new_h - size), _round_half_even_half(new_w - size)
+    image = tf.slice(image, tf.stack([top, left, 0]), [size, size, 3])
+    return augment.normalize(tf.clip_by_value(image / 255.0, 0.0, 1.0), dtype)
+
+
+def train_view_params(key, height, width) -> tuple[tf.Tensor, tf.Tensor]:
+    """(crop box [top, left, h, w], flip) of one training view: RandomResizedCrop's box
+    (`TRAIN_CROP_SCALE`, `TRAIN_CROP_RATIO`, 10 tries then the centre fallback) and a coin."""
+    k_box, k_flip = augment.split_key(key, 2)
+    box = augment.random_resized_crop_box(k_box, height, width, TRAIN_CROP_SCALE,
+                                          TRAIN_CROP_RATIO)
+    flip = tf.random.stateless_uniform([], seed=k_flip) < FLIP_PROB
+    return box, flip
+
+
+def train_view(image_uint8, size: int, key, dtype="float32") -> tf.Tensor:
+    """RandomResizedCrop(size) + RandomHorizontalFlip + normalise, keyed by a stateless key."""
+    shape = tf.shape(image_uint8)
+    box, flip = train_view_params(key, shape[0], shape[1])
+    image = augment.resize(tf.cast(augment.crop(image_uint8, box), tf.float32), size, size)
+    image = tf.clip_by_value(image / 255.0, 0.0, 1.0)
+    image = tf.cond(flip, lambda: augment.flip_left_right(image), lambda: image)
+    return augment.normalize(tf.ensure_shape(image, [size, size, 3]), dtype)
+
+
+# --------------------------------------------------------------------------------------------
 # Batches
 
 
@@ -241,14 +299,14 @@ def num_eval_batches(split, global_batch: int, process_count: int) -> int:
 
 def eval_batches(split, image_size: int, global_batch: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict]:
-    """Centre-crop batches of this host's slice, padded with masked blanks: numpy dicts of
+    """`eval_view` batches of this host's slice, padded with masked blanks: numpy dicts of
     image float32 [b, S, S, 3], label int32 [b], index int64 [b], mask bool [b]."""
     host_batch = global_batch // process_count
     steps = num_eval_batches(split, global_batch, process_count)
     count = split.host_count(process_index, process_count)
 
     def prepare(ex):
-        return {"image": augment.eval_preprocess(split.decode(ex["image"]), image_size),
+        return {"image": eval_view(split.decode(ex["image"]), image_size),
                 "label": ex["label"], "index": ex["index"], "mask": tf.constant(True)}
 
     ds = split.host_dataset(process_index, process_count).map(
@@ -266,7 +324,7 @@ def train_steps_per_epoch(split, global_batch: int) -> int:
 def train_batches(split, image_size: int, global_batch: int, seed: int, epoch: int,
                   shuffle_buffer: int, process_index: int = 0,
                   process_count: int = 1) -> Iterator[dict]:
-    """One epoch of RandomResizedCrop + flip batches (the reference's probe training views).
+    """One epoch of `train_view` batches (the reference's probe training views).
 
     The order and every crop depend only on (seed, epoch, example index), never on devices; all
     hosts yield `num_examples // global_batch` batches (the remainder is dropped).
@@ -277,8 +335,7 @@ def train_batches(split, image_size: int, global_batch: int, seed: int, epoch: i
 
     def prepare(ex):
         key = augment.make_key(seed, epoch, ex["index"])
-        image = augment.train_preprocess_probe(split.decode(ex["image"]), image_size, key)
-        return {"image": image,
+        return {"image": train_view(split.decode(ex["image"]), image_size, key),
                 "label": ex["label"], "index": ex["index"], "mask": tf.constant(True)}
 
     shuffle_seed = int(np.random.SeedSequence([seed, epoch, 0x5EB]).generate_state(1)[0])
