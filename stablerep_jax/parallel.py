@@ -89,12 +89,31 @@ def tree_zero1_shardings(mesh: Mesh, abstract_tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: zero1_sharding(mesh, tuple(x.shape)), abstract_tree)
 
 
-def host_local_batch_size(global_batch: int) -> int:
-    """This host's share of a global batch; the batch must split evenly over hosts and devices."""
-    if global_batch % jax.device_count():
-        raise ValueError(f"batch_size {global_batch} is not divisible by the {jax.device_count()} "
-                         f"devices; choose a multiple of {jax.device_count()}")
-    return global_batch // jax.process_count()
+def nearest_valid_batch_sizes(global_batch: int, device_count: int) -> tuple[int, ...]:
+    """The multiples of `device_count` just below and above `global_batch` (below omitted if 0)."""
+    below = global_batch // device_count * device_count
+    above = below + device_count
+    return (below, above) if below > 0 else (above,)
+
+
+def host_local_batch_size(global_batch: int, device_count: int | None = None,
+                          process_count: int | None = None) -> int:
+    """This host's share of a global batch; the batch must split evenly over hosts and devices.
+
+    `device_count` / `process_count` default to this run's (pass them to ask about a slice you
+    do not have, e.g. 1376 captions on 64 chips).
+    """
+    devices = jax.device_count() if device_count is None else int(device_count)
+    processes = jax.process_count() if process_count is None else int(process_count)
+    if global_batch < 1 or global_batch % devices:
+        choices = " or ".join(str(b) for b in nearest_valid_batch_sizes(max(global_batch, 0), devices))
+        raise ValueError(
+            f"batch_size={global_batch} (captions per global batch) is not divisible by the "
+            f"{devices} devices; the nearest valid batch sizes are {choices} (multiples of "
+            f"{devices}): set --config.batch_size. The learning rate scales with the batch "
+            "(lr = optim.blr x batch_size x data.n_img x data.num_crop / 256 / 2, the reference's "
+            "rule), so a different batch_size also changes lr; set optim.lr to fix it instead.")
+    return global_batch // processes
 
 
 def global_batch(mesh: Mesh, host_batch: dict) -> dict:
