@@ -1,15 +1,20 @@
 """Linear probe: learns separable classes, stays at chance on random labels, the side-by-side
-sweep equals single-lr runs, 8 devices equal 1, every test example counts once, clear errors."""
+sweep equals single-lr runs, 8 devices equal 1, every test example counts once, clear errors;
+the presets run the reference protocol (views, lrs, schedule, init, best over (epoch, lr)),
+features are float32 for bf16 checkpoints, outputs go to ram:// workdirs."""
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from stablerep_jax import config_utils, fileio, linear_probe, parallel
 from stablerep_jax import features as features_lib
-from stablerep_jax import linear_probe, parallel
-from stablerep_jax.data import eval_data
+from stablerep_jax.data import augment, eval_data
+from stablerep_jax.models.encoder import build_model
 
 import probe_fixtures as F
 
@@ -211,3 +216,189 @@ def test_bad_settings_fail_clearly(encoder_dir, tinted, tmp_path):
     config.checkpoint = None
     with pytest.raises(ValueError, match="set --config.checkpoint"):
         linear_probe.run(config, str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------
+# The reference protocol (StableRep/main_linear.py)
+
+# main_linear.py's --base_lrs default, copied by hand from the reference.
+REFERENCE_BASE_LRS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5]
+
+
+@pytest.mark.parametrize("preset", ["imagenet2012", "cifar10", "folder"])
+def test_presets_run_the_reference_protocol(preset):
+    c = config_utils.load_config(os.path.join(F.REPO, "configs", "linear_probe.py") + f":{preset}")
+    assert c.mode == "augmented"
+    assert list(c.base_lrs) == REFERENCE_BASE_LRS and 0.3 in c.base_lrs
+    assert (c.batch_size, c.epochs, c.eval_every) == (1024, 90, 10)
+    assert (c.momentum, c.weight_decay, c.warmup_epochs, c.use_bn) == (0.9, 0.0, 0.0, False)
+    assert linear_probe.eval_epochs(c.epochs, c.eval_every) == tuple(range(10, 91, 10))
+
+
+def test_eval_epochs_always_include_the_last():
+    assert linear_probe.eval_epochs(25, 10) == (10, 20, 25)
+    assert linear_probe.eval_epochs(30, 0) == (30,)
+    assert linear_probe.eval_epochs(5, 10) == (5,)
+
+
+def test_lr_schedule_is_the_references_per_step_cosine():
+    """CosineAnnealingLR(T_max = epochs x steps, eta_min 0), stepped after every update."""
+    hp = linear_probe.make_hparams((0.3,), epochs=3, steps_per_epoch=4)
+    total = 12
+    for step in range(total + 1):
+        want = 0.5 * (1 + np.cos(np.pi * step / total))
+        assert float(linear_probe.lr_factor(hp, step)) == pytest.approx(want, abs=1e-6)
+
+
+def test_heads_start_like_the_reference():
+    """nn.Linear weight.normal_(0, 0.01), bias zero: a plain normal (a truncated one at 2 sd
+    would never draw beyond 0.02 and has sd 0.0088)."""
+    state = linear_probe.init_heads(0, 3, 256, 200)
+    kernel = np.asarray(state.kernel)
+    assert np.all(kernel[0] == kernel[2]) and np.all(np.asarray(state.bias) == 0)
+    assert np.std(kernel[0]) == pytest.approx(0.01, rel=0.02)
+    assert np.mean(np.abs(kernel[0]) > 0.02) == pytest.approx(0.0455, abs=0.005)
+
+
+def test_select_best_over_epoch_and_lr_like_the_reference():
+    grid = [[0.10, 0.50, 0.30],     # epoch 10: lr 1 at 0.50
+            [0.20, 0.45, 0.50],     # epoch 20: lr 2 ties 0.50 later -> the earlier one wins
+            [0.30, 0.40, 0.49]]     # epoch 30
+    assert linear_probe.select_best(grid) == (0, 1)
+    assert linear_probe.select_best([[0.1, 0.2], [0.3, 0.3]]) == (1, 0)
+    with pytest.raises(ValueError, match="grid"):
+        linear_probe.select_best([])
+
+
+def test_best_lr_peaking_before_the_last_epoch_is_reported_and_saved():
+    """fit_heads + summarize on a scripted sweep: the best lr peaks at the first evaluation and
+    then overfits; results name that (epoch, lr) and the kept head is the one from that epoch."""
+    mesh = parallel.make_mesh()
+    table = {2: [0.20, 0.70, 0.40], 4: [0.30, 0.60, 0.50], 5: [0.35, 0.55, 0.52]}
+
+    def run_epoch(state, epoch):           # the kernel records the epoch it was trained to
+        return state.replace(kernel=state.kernel * 0 + (epoch + 1)), np.full(3, 1.0 / (epoch + 1))
+
+    def evaluate(state):
+        epoch = int(np.asarray(state.kernel)[0, 0, 0])
+        return np.asarray(table[epoch]), np.ones(3)
+
+    state = jax.device_put(linear_probe.init_heads(0, 3, 4, 2), parallel.replicated(mesh))
+    logged = []
+    fit = linear_probe.fit_heads(state, run_epoch, 5, evaluate, linear_probe.eval_epochs(5, 2),
+                                 lambda *args: logged.append(args))
+    assert [e.epoch for e in fit.evaluations] == [2, 4, 5]
+    assert [a[0] for a in logged] == [1, 2, 3, 4, 5] and logged[1][2].epoch == 2
+    assert np.all(fit.best_head["kernel"] == 2)          # the head as it was after epoch 2
+    results = linear_probe.summarize(fit, (0.01, 0.1, 1.0), (0.04, 0.4, 4.0))
+    assert (results["best_top1"], results["best_lr"], results["best_epoch"]) == (0.7, 0.1, 2)
+    assert results["top1"] == {"0.01": 0.35, "0.1": 0.7, "1": 0.52}
+    assert results["final_top1"] == {"0.01": 0.35, "0.1": 0.55, "1": 0.52}
+    assert [r["best_epoch"] for r in results["per_lr"]] == [5, 2, 5]
+    assert results["grid"]["epochs"] == [2, 4, 5]
+    assert results["grid"]["top1"] == [table[2], table[4], table[5]]
+    assert results["per_lr"][0]["final_train_loss"] == pytest.approx(0.2)
+
+
+def _denormalize(image):
+    return np.asarray(image) * np.array(augment.IMAGENET_STD) + np.array(augment.IMAGENET_MEAN)
+
+
+def _smooth_image(height, width):
+    """A smooth RGB pattern: resampling differences stay within a level, layout errors don't."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([128 + 100 * np.sin(x / 7.0 + c) * np.cos(y / 5.0 - c) for c in range(3)],
+                    -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape", [(45, 61), (61, 45), (40, 40), (300, 200)])
+def test_eval_view_matches_torchvision(shape):
+    """Resize(size x 256/224) + CenterCrop(size) on a PIL image, as main_linear.py."""
+    T = pytest.importorskip("torchvision.transforms")
+    from PIL import Image
+    image = _smooth_image(*shape)
+    for size in (32, 224):
+        resize = eval_data.eval_resize_size(size)
+        want = T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor()])(
+            Image.fromarray(image)).permute(1, 2, 0).numpy()
+        got = _denormalize(eval_data.eval_view(tf.constant(image), size))
+        assert got.shape == want.shape == (size, size, 3)
+        assert np.max(np.abs(got - want)) * 255 < 1.5          # within rounding to a level
+    assert eval_data.eval_resize_size(224) == 256
+
+
+def test_train_view_matches_torchvision_for_its_box_and_flip():
+    """Each view is torchvision's resized_crop (bilinear) of the box it drew, then hflip."""
+    T = pytest.importorskip("torchvision.transforms")
+    from torchvision.transforms import functional as TF
+    from PIL import Image
+    image = _smooth_image(45, 61)
+    flips = []
+    for i in range(6):
+        key = augment.make_key(7, i)
+        box, flip = eval_data.train_view_params(key, 45, 61)
+        top, left, h, w = (int(v) for v in box)
+        want = TF.resized_crop(Image.fromarray(image), top, left, h, w, [32, 32],
+                               T.InterpolationMode.BILINEAR)
+        want = np.asarray(TF.hflip(want) if bool(flip) else want) / 255.0
+        got = _denormalize(eval_data.train_view(tf.constant(image), 32, key))
+        assert np.max(np.abs(got - want)) * 255 < 1.5
+        flips.append(bool(flip))
+    assert len(set(flips)) == 2
+
+
+def test_train_view_boxes_follow_torchvision_random_resized_crop():
+    """2000 boxes of ours vs torchvision's RandomResizedCrop.get_params (scale 0.08-1, ratio
+    3/4-4/3) on a 60x90 image: same area and aspect distributions (quantiles within 0.03 and
+    0.06; standard errors ~0.01) and a fair flip coin."""
+    T = pytest.importorskip("torchvision.transforms")
+    import torch
+    torch.manual_seed(0)
+    from PIL import Image
+    pil = Image.fromarray(np.zeros((60, 90, 3), np.uint8))
+    ref = np.array([T.RandomResizedCrop.get_params(pil, [0.08, 1.0], [3 / 4, 4 / 3])
+                    for _ in range(2000)])[:, 2:].astype(float)       # (h, w)
+    ours, flips = [], []
+    for i in range(2000):
+        box, flip = eval_data.train_view_params(augment.make_key(3, i), 60, 90)
+        ours.append(np.asarray(box)[2:])
+        flips.append(bool(flip))
+    ours = np.array(ours, float)
+    q = [0.1, 0.25, 0.5, 0.75, 0.9]
+    area = lambda hw: hw[:, 0] * hw[:, 1] / (60 * 90)              # noqa: E731
+    log_aspect = lambda hw: np.log(hw[:, 1] / hw[:, 0])            # noqa: E731
+    np.testing.assert_allclose(np.quantile(area(ours), q), np.quantile(area(ref), q), atol=0.03)
+    np.testing.assert_allclose(np.quantile(log_aspect(ours), q), np.quantile(log_aspect(ref), q),
+                               atol=0.06)
+    assert area(ours).min() >= 0.07 and area(ours).max() <= 1.0
+    assert abs(np.mean(flips) - 0.5) < 0.04
+
+
+def test_features_are_float32_for_a_bf16_checkpoint(tmp_path):
+    """A run trained in bf16 records dtype bfloat16; the probe still computes in float32: the
+    features equal a float32-config encoder's on the same params and differ from bf16's."""
+    bf16_dir = F.save_tiny_encoder(str(tmp_path / "bf16"), dtype="bfloat16")
+    encoder = features_lib.load_encoder(bf16_dir)
+    assert encoder.trained_dtype == "bfloat16" and encoder.model.dtype == jnp.float32
+    images = np.random.default_rng(0).normal(size=(8, F.IMAGE_SIZE, F.IMAGE_SIZE, 3))
+    images = images.astype(np.float32)
+    mesh = parallel.make_mesh()
+    variables = features_lib.replicate(encoder.variables, mesh)
+    ours = np.asarray(features_lib.make_encode_fn(encoder.model, mesh)(variables, images))
+    fp32 = build_model({**F.MODEL_CONFIG, "dtype": "float32"}, F.IMAGE_SIZE)
+    bf16 = build_model({**F.MODEL_CONFIG, "dtype": "bfloat16"}, F.IMAGE_SIZE)
+    want = np.asarray(features_lib.make_encode_fn(fp32, mesh)(variables, images))
+    low = np.asarray(features_lib.make_encode_fn(bf16, mesh)(variables, images))
+    np.testing.assert_array_equal(ours, want)
+    assert np.max(np.abs(low - want)) > 1e-3 * np.max(np.abs(want))
+
+
+def test_ram_workdir(encoder_dir, tinted, ram_dir):
+    """Every output of the job goes through fileio: a ram:// workdir (the gs:// code path)."""
+    results = linear_probe.run(F.probe_config(encoder_dir, tinted, epochs=4, eval_every=2),
+                               ram_dir)
+    assert fileio.read_json(f"{ram_dir}/results.json") == json.loads(json.dumps(results))
+    head, meta = linear_probe.load_head(f"{ram_dir}/{linear_probe.BEST_HEAD}")
+    assert meta["epoch"] == results["best_epoch"] and head["kernel"].shape == (192, 6)
+    assert fileio.exists(f"{ram_dir}/metrics.jsonl")
+    assert not [p for p in tf.io.gfile.listdir(ram_dir) if p.endswith(fileio.TMP_SUFFIX)]
