@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from stablerep_jax import config_utils, features as features_lib, knn, parallel
+from stablerep_jax import config_utils, fileio, features as features_lib, knn, parallel
 from stablerep_jax.data import eval_data
 
 import probe_fixtures as F
@@ -96,3 +96,15 @@ def test_job_and_monitor_agree(tmp_path):
 def test_monitor_needs_a_dataset():
     with pytest.raises(ValueError, match="set --config.dataset"):
         eval_data.load_eval_dataset(None)
+
+
+def test_job_writes_to_a_ram_workdir(tmp_path, ram_dir):
+    """knn_results.json goes through fileio: a ram:// workdir (the gs:// code path); the encoder
+    checkpoint stays local (orbax does not know ram://)."""
+    encoder_dir = F.save_tiny_encoder(str(tmp_path / "encoder"))
+    folder = F.write_tinted_folder(str(tmp_path / "folder"), 4, 2)
+    c = config_utils.load_config(os.path.join(F.REPO, "configs", "linear_probe.py") + ":folder")
+    c.checkpoint, c.dataset, c.extract_batch_size = encoder_dir, f"folder:{folder}", 16
+    result = knn.run(c, ram_dir)
+    assert fileio.read_json(f"{ram_dir}/knn_results.json") == result
+    assert not os.path.exists("ram:")            # nothing went to a local folder named "ram:"

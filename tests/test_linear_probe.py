@@ -402,3 +402,29 @@ def test_ram_workdir(encoder_dir, tinted, ram_dir):
     assert meta["epoch"] == results["best_epoch"] and head["kernel"].shape == (192, 6)
     assert fileio.exists(f"{ram_dir}/metrics.jsonl")
     assert not [p for p in tf.io.gfile.listdir(ram_dir) if p.endswith(fileio.TMP_SUFFIX)]
+
+
+def _printed_results(output: str) -> dict:
+    return {line.split(" ", 2)[1]: json.loads(line.split(" ", 2)[2])
+            for line in output.splitlines() if line.startswith("RESULTS ")}
+
+
+@pytest.mark.slow
+def test_two_processes_write_once_and_match_one(encoder_dir, tinted, tmp_path):
+    """Two jax.distributed processes (4 devices each): only process 0 writes (results.json,
+    best_head.npz, metrics, knn_results.json), both report the same results, and in the cached
+    mode (the same global batches) they equal a single 8-device process."""
+    from processes import run_processes
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_probe.py")
+    two = run_processes(script, 2, encoder_dir, tinted, tmp_path / "two",
+                        "cached_features,augmented")
+    one = run_processes(script, 1, encoder_dir, tinted, tmp_path / "one", "cached_features")
+    for mode in ("cached_features", "augmented"):
+        p0, p1 = tmp_path / "two" / mode / "p0", tmp_path / "two" / mode / "p1"
+        assert {"results.json", linear_probe.BEST_HEAD, "metrics.jsonl",
+                "knn_results.json"} <= set(os.listdir(p0))
+        assert not p1.exists() or not os.listdir(p1), os.listdir(p1)
+        assert _printed_results(two[0])[mode] == _printed_results(two[1])[mode]
+    r2, r1 = _printed_results(two[0])["cached_features"], _printed_results(one[0])["cached_features"]
+    assert (r2["devices"], r1["devices"]) == (8, 8)
+    assert r2["grid"]["top1"] == r1["grid"]["top1"] and r2["knn_top1"] == r1["knn_top1"]
