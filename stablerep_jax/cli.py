@@ -7,7 +7,10 @@ stops the job before it touches data with a message that names the key and its v
 from __future__ import annotations
 
 import logging as std_logging
+import os
 import sys
+import threading
+import time
 from typing import Callable, Sequence
 
 from absl import app, flags, logging
@@ -16,6 +19,21 @@ from ml_collections import config_flags
 from stablerep_jax.config_utils import load_config
 
 _CONFIG_PREFIX = "--config."
+
+# Exit codes every job shares. A job's main returns one of them (or None for 0).
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+# Stopped early on purpose (SIGTERM: preemption, maintenance) after saving its state: run the
+# same command again to resume. 75 is EX_TEMPFAIL of sysexits.h ("try again later"); the launch
+# scripts rerun a job that exits with it.
+EXIT_RESUME = 75
+EXIT_INTERRUPTED = 130       # Ctrl-C, as a shell reports SIGINT
+
+# How long a finished or failed job waits for its helper threads (orbax's async saves, tf.data,
+# thread pools) before it leaves with os._exit: a thread stuck after an error must never keep
+# a process, and the chips it holds, alive for hours.
+EXIT_GRACE_SECONDS = 60.0
 
 
 def _override_keys(argv: Sequence[str]) -> list[str]:
@@ -72,8 +90,76 @@ def define_job_flags(workdir_help: str) -> None:
     flags.DEFINE_integer("process_id", None, "this process's index (multi-process)")
 
 
+def _flush_outputs() -> None:
+    for handler in std_logging.getLogger().handlers:
+        handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # closed or broken pipe: nothing left to save
+            pass
+
+
+def _live_threads() -> list[threading.Thread]:
+    """Threads that would keep the interpreter from exiting (non-daemon, not this one)."""
+    return [t for t in threading.enumerate()
+            if t is not threading.current_thread() and not t.daemon and t.is_alive()]
+
+
+def _hard_exit(code: int, why: str) -> None:
+    logging.error("%s; leaving with os._exit(%d)", why, code)
+    _flush_outputs()
+    os._exit(code)
+
+
+def _arm_exit_watchdog(code: int, grace: float) -> None:
+    """A daemon thread that ends the process with `code` if the normal interpreter shutdown
+    (atexit hooks such as jax.distributed's, library destructors) takes longer than `grace`."""
+    def watchdog():
+        time.sleep(grace)
+        _hard_exit(code, f"the process did not exit within {grace:.0f} s of finishing")
+
+    threading.Thread(target=watchdog, name="exit-watchdog", daemon=True).start()
+
+
+def finish(code: int, grace: float | None = None) -> None:
+    """Leaves the process with `code` within about 2 x `grace` seconds (default
+    `EXIT_GRACE_SECONDS`), whatever threads remain.
+
+    Waits up to `grace` for helper threads to end on their own; if some are still alive (stuck
+    after an error), exits at once with os._exit. Otherwise exits normally (atexit hooks run),
+    guarded by a watchdog."""
+    grace = EXIT_GRACE_SECONDS if grace is None else grace
+    deadline = time.monotonic() + grace
+    for thread in _live_threads():
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = _live_threads()
+    if stuck:
+        _hard_exit(code, f"{len(stuck)} thread(s) still running {grace:.0f} s after the job "
+                         f"ended: {', '.join(t.name for t in stuck)}")
+    _arm_exit_watchdog(code, grace)
+    sys.exit(code)
+
+
+def call_main(main: Callable, config) -> int:
+    """Runs `main(config)` and returns its exit code; a fatal error is logged (with its
+    traceback) and becomes EXIT_FAILED, Ctrl-C EXIT_INTERRUPTED."""
+    try:
+        code = main(config)
+    except KeyboardInterrupt:
+        logging.error("interrupted (Ctrl-C)")
+        return EXIT_INTERRUPTED
+    except Exception as e:  # any fatal error of the job: log it, then exit promptly (finish)
+        logging.exception("fatal error: %s: %s", type(e).__name__, e)
+        return EXIT_FAILED
+    return EXIT_OK if code is None else int(code)
+
+
 def run(main: Callable, default_config: str | None = None) -> None:
-    """Defines `--config`, validates overrides, parses flags and calls `main(config)`."""
+    """Defines `--config`, validates overrides, parses flags and calls `main(config)`.
+
+    `main` returns an exit code (None for 0; `EXIT_RESUME` after a preemption). Whatever
+    happens, the process ends promptly with that code: see `finish`."""
     config_flag = config_flags.DEFINE_config_file(
         "config", default=default_config, help_string="config file[:preset]", lock_config=True)
 
@@ -85,17 +171,17 @@ def run(main: Callable, default_config: str | None = None) -> None:
                 check_override_keys(load_config(spec), keys, spec)
             except (KeyError, ValueError, FileNotFoundError) as e:
                 print(f"FATAL: {e.args[0] if e.args else e}", file=sys.stderr)
-                sys.exit(2)
+                sys.exit(EXIT_USAGE)
         try:
             return flags.FLAGS(argv)
         except flags.Error as e:
             print(f"FATAL: {e}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(EXIT_USAGE)
 
     def _main(argv):
         logging.get_absl_handler().addFilter(_QuietLibraries())
         if len(argv) > 1:
             raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
-        main(config_flag.value)
+        finish(call_main(main, config_flag.value))
 
     app.run(_main, flags_parser=parse)
