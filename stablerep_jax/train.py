@@ -55,30 +55,45 @@ def views_per_caption(config) -> int:
     return config.data.n_img * config.data.num_crop
 
 
-def count_captions(config) -> int:
-    """Captions in the training data: `data.num_captions`, else the shards' manifest.json."""
-    if config.data.num_captions > 0:
-        return int(config.data.num_captions)
-    files = shards.host_files(config.data.train_files, process_index=0, process_count=1)
+def _manifest_counts(config) -> list[int]:
+    """Records of every shard of data.train_files (sorted glob), from their manifest.json."""
+    files = shards.matching_files(config.data.train_files)
     try:
-        return sum(shards.count_records(files, unlisted="error"))
+        return shards.count_records(files, unlisted="error")
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}; set --config.data.num_captions (captions in the data) so "
                                 "epochs can be turned into steps, or set total_steps and "
                                 "optim.warmup_steps") from e
 
 
-def training_length(config) -> tuple[int, int]:
-    """(total_steps, steps_per_epoch); steps_per_epoch is 0 when the data size is not needed."""
+def count_captions(config) -> int:
+    """Captions in the training data: `data.num_captions`, else the shards' manifest.json."""
+    if config.data.num_captions > 0:
+        return int(config.data.num_captions)
+    return sum(_manifest_counts(config))
+
+
+def epoch_steps(config, process_count: int) -> int:
+    """Steps per epoch, the same number the input pipeline streams: `data.num_captions //
+    batch_size` when given, else `shards.steps_per_epoch` over the manifests' counts (one host:
+    captions // batch_size, the reference's drop_last)."""
+    if config.data.num_captions > 0:
+        return int(config.data.num_captions) // config.batch_size
+    return shards.steps_per_epoch(_manifest_counts(config), config.batch_size, process_count)
+
+
+def training_length(config, process_count: int | None = None) -> tuple[int, int]:
+    """(total_steps, steps_per_epoch); steps_per_epoch is 0 when the data size is not needed.
+    `process_count` defaults to jax.process_count()."""
     needs_size = config.total_steps <= 0 or (config.optim.warmup_steps <= 0
                                              and config.optim.warmup_epochs > 0)
     steps_per_epoch = 0
     if needs_size:
-        num_captions = count_captions(config)
-        steps_per_epoch = num_captions // config.batch_size
+        hosts = jax.process_count() if process_count is None else process_count
+        steps_per_epoch = epoch_steps(config, hosts)
         if steps_per_epoch == 0:
             raise ValueError(f"batch_size {config.batch_size} is larger than the data set "
-                             f"({num_captions} captions)")
+                             f"({count_captions(config)} captions, {hosts} host(s))")
     total = config.total_steps if config.total_steps > 0 else int(round(config.epochs * steps_per_epoch))
     if total <= 0:
         raise ValueError(f"training would run {total} steps; set total_steps or epochs > 0")
@@ -286,7 +301,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     data = pipeline.make_train_iterator(
         config.data, batch_size=config.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        start_step=start_step,
+        start_step=start_step, steps_per_epoch=steps_per_epoch or None,
         tokenizer_dir=config.data.tokenizer if config.model.add_language else None)
 
     knn_monitor = None

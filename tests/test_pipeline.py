@@ -1,14 +1,17 @@
 """Training input pipeline: batch contract, m distinct stored images per caption, per-host file
 split, determinism and exact resume, undecodable records dropped and counted, CLIP tokens."""
 import io
+import logging
 import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from stablerep_jax import config_utils
-from stablerep_jax.data import augment, pipeline, records, tokenize
+from stablerep_jax import train
+from stablerep_jax.data import augment, pipeline, records, shard_plan, shards, tokenize
 
 from tiny_tokenizer import write_tiny_clip_tokenizer
 
@@ -30,7 +33,8 @@ def _colour(caption_id, k):
     return (20 + 50 * k, 5 + 7 * caption_id, 128)
 
 
-def _write(directory, num_captions=NUM_CAPTIONS, k=K, num_shards=4, bad=(), manifest=True):
+def _write(directory, num_captions=NUM_CAPTIONS, k=K, num_shards=4, bad=(), manifest=True,
+           **meta):
     os.makedirs(directory, exist_ok=True)
     per_shard = -(-num_captions // num_shards)
     shards = {}
@@ -46,7 +50,7 @@ def _write(directory, num_captions=NUM_CAPTIONS, k=K, num_shards=4, bad=(), mani
         records.write_shard(os.path.join(directory, name), recs)
         shards[name] = {"captions": len(recs), "images": len(recs) * k}
     if manifest:
-        records.write_manifest(directory, shards, images_per_caption=k)
+        records.write_manifest(directory, shards, images_per_caption=k, **meta)
     return os.path.join(directory, "*.tfrecord")
 
 
@@ -156,22 +160,25 @@ def test_same_seed_same_batches_and_exact_resume(files):
             np.testing.assert_array_equal(a["images"], b["images"])
 
 
-def test_undecodable_record_is_dropped_and_counted(tmp_path):
+def test_undecodable_record_is_replaced_and_counted(tmp_path):
+    """n // B steps per epoch as the trainer schedules (not (n - allowance) // B): the bad
+    record's place is filled by a spare, a fresh draw of one of the epoch's first records."""
     bad_id = 5
     glob = _write(str(tmp_path), bad=(bad_id,))
     it = pipeline.make_train_iterator(_data_config(glob, max_bad_fraction=0.1), batch_size=4,
                                       seed=0)
     steps = it.info.steps_per_epoch
-    assert steps == (NUM_CAPTIONS - 3) // 4                        # 3 bad records allowed
-    labels = []
-    for epoch in range(3):
-        labels += [b["labels"] for b in _take(it, steps)]
-        next_batch = next(it)                                     # this epoch fully scanned
-        labels.append(next_batch["labels"])
-        assert it.dropped in (epoch + 1, epoch + 2)               # + maybe the next epoch's
-    labels = np.concatenate(labels)
-    assert bad_id not in labels
-    assert it.seen > it.dropped > 0
+    assert steps == NUM_CAPTIONS // 4
+    for epoch in range(2):
+        batches = _take(it, steps)
+        labels = np.concatenate([b["labels"] for b in batches])
+        assert bad_id not in labels
+        assert set(labels.tolist()) == set(range(NUM_CAPTIONS)) - {bad_id}   # no other epoch
+        assert len(labels) == NUM_CAPTIONS                        # one caption drawn twice ...
+        for batch in batches:                                     # ... never in the same batch
+            assert len(set(batch["labels"].tolist())) == 4
+        assert it.dropped == epoch + 1
+    assert it.seen > it.dropped
 
 
 def test_too_many_undecodable_records_fail_clearly(tmp_path):
@@ -213,3 +220,139 @@ def test_tokenize_matches_clip_tokenize_layout(tmp_path):
     assert long[0] == sot and long[-1] == eot and (long != 0).all()    # truncated, EOT kept
     with pytest.raises(FileNotFoundError, match="data.tokenizer"):
         tokenize.load_tokenizer(str(tmp_path / "missing"))
+
+
+# --------------------------------------------------------------------------------------------
+# Steps per epoch agree with the trainer's schedule
+
+
+def _train_config(train_files, batch_size, **data):
+    config = config_utils.load_config(os.path.join(REPO, "configs", "stablerep.py") + ":tiny")
+    config.data.train_files = train_files
+    config.batch_size, config.total_steps, config.epochs = batch_size, 0, 1.0
+    for key, value in data.items():
+        config_utils.apply_overrides(config, {f"data.{key}": value})
+    return config
+
+
+def test_stream_steps_per_epoch_equal_training_length(tmp_path):
+    glob = _write(str(tmp_path), num_captions=30, num_shards=3, bad=(7,))   # shards 10/10/10
+    config = _train_config(glob, 6, max_bad_fraction=0.1)
+    _, schedule = train.training_length(config, process_count=1)
+    it = pipeline.make_train_iterator(config.data, batch_size=6, seed=0)
+    assert it.info.steps_per_epoch == schedule == 30 // 6
+    for host in range(2):                                          # shares of 20 and 10 records
+        _, schedule = train.training_length(config, process_count=2)
+        it = pipeline.make_train_iterator(config.data, batch_size=6, seed=0, process_index=host,
+                                          process_count=2)
+        assert it.info.steps_per_epoch == schedule == 10 // 3
+    assert shards.steps_per_epoch([10, 10, 10], 6, 2) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged shards and globs that match other files
+
+
+def _truncate(path, cut):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) - cut] if cut else b"")
+
+
+def test_truncated_shard_is_named_or_its_tail_skipped_and_counted(tmp_path):
+    glob = _write(str(tmp_path))                        # 4 shards of 8 captions
+    victim = os.path.join(str(tmp_path), "train-00002-of-00004.tfrecord")
+    ids = [r.caption_id for r in records.read_records(victim)]
+    _truncate(victim, 200)                              # cuts into the last record
+    readable = len(list(tf.data.TFRecordDataset(victim).ignore_errors()))
+    assert 0 < readable < len(ids)
+    strict = pipeline.make_train_iterator(_data_config(glob, max_bad_fraction=0.0),
+                                          batch_size=8, seed=0)
+    with pytest.raises(ValueError, match=rf"train-00002-of-00004.tfrecord: record {readable} "
+                                         r"could not be read \(a corrupt or truncated TFRecord\)"):
+        _take(strict, 4)
+    tolerant = pipeline.make_train_iterator(_data_config(glob, max_bad_fraction=0.1),
+                                            batch_size=8, seed=0)
+    labels = np.concatenate([b["labels"] for b in _take(tolerant, 4)])
+    assert set(labels.tolist()) == set(range(NUM_CAPTIONS)) - set(ids[readable:])
+    assert tolerant.dropped == len(ids) - readable and len(labels) == NUM_CAPTIONS
+
+
+def test_corrupt_record_is_named(tmp_path):
+    glob = _write(str(tmp_path))
+    victim = os.path.join(str(tmp_path), "train-00001-of-00004.tfrecord")
+    with open(victim, "rb") as f:
+        data = bytearray(f.read())
+    data[len(data) // 2] ^= 0xFF                        # fails the record's CRC
+    with open(victim, "wb") as f:
+        f.write(bytes(data))
+    it = pipeline.make_train_iterator(_data_config(glob, max_bad_fraction=0.0), batch_size=8,
+                                      seed=0)
+    with pytest.raises(ValueError, match=r"train-00001-of-00004.tfrecord: record \d+ could not"):
+        _take(it, 4)
+
+
+def test_empty_shard_listed_with_records_is_an_error_naming_it(tmp_path):
+    glob = _write(str(tmp_path))
+    _truncate(os.path.join(str(tmp_path), "train-00003-of-00004.tfrecord"), 0)
+    with pytest.raises(ValueError, match="empty.*train-00003-of-00004.tfrecord"):
+        pipeline.make_train_iterator(_data_config(glob, max_bad_fraction=0.5 - 1e-9),
+                                     batch_size=8, seed=0)
+
+
+def test_glob_matching_other_files_is_an_error_naming_them(tmp_path):
+    _write(str(tmp_path))
+    for name in ("settings.json", "summary.json", "missing.txt", "contact_sheet.png"):
+        with open(os.path.join(str(tmp_path), name), "w") as f:
+            f.write("{}")
+    with pytest.raises(ValueError, match=r"not TFRecord shards: .*contact_sheet.png, .*manifest"
+                                         r".json, .*missing.txt, .*settings.json, .*summary.json"):
+        pipeline.make_train_iterator(_data_config(os.path.join(str(tmp_path), "*")),
+                                     batch_size=8, seed=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Labels across data sets, and the shard order
+
+
+def test_two_outputs_with_overlapping_ids_get_distinct_labels(tmp_path):
+    for name in ("a", "b"):
+        _write(str(tmp_path / name), num_captions=16, num_shards=2, num_caption_ids=16)
+    both = pipeline.make_train_iterator(_data_config(str(tmp_path / "*" / "*.tfrecord")),
+                                        batch_size=8, seed=0)
+    labels = np.concatenate([b["labels"] for b in _take(both, 4)])
+    assert sorted(labels.tolist()) == list(range(32))            # b's ids shifted by 16
+    one = pipeline.make_train_iterator(_data_config(str(tmp_path / "b" / "*.tfrecord")),
+                                       batch_size=8, seed=0)
+    labels = np.concatenate([b["labels"] for b in _take(one, 2)])
+    assert sorted(labels.tolist()) == list(range(16))            # one data set: its caption ids
+
+
+def test_outputs_whose_id_range_is_unknown_are_refused_by_name(tmp_path):
+    _write(str(tmp_path / "a"), num_captions=16, num_shards=2)  # manifest without the range
+    _write(str(tmp_path / "b"), num_captions=16, num_shards=2, num_caption_ids=16)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'a'}/manifest.json .*num_caption_ids"):
+        pipeline.make_train_iterator(_data_config(str(tmp_path / "*" / "*.tfrecord")),
+                                     batch_size=8, seed=0)
+
+
+def test_shards_in_file_order_get_a_warning_naming_the_directory(tmp_path, caplog):
+    old = _write(str(tmp_path / "old"))
+    new = _write(str(tmp_path / "new"), **{shard_plan.ORDER_KEY: shard_plan.order_info()})
+    with caplog.at_level(logging.WARNING):
+        pipeline.make_train_iterator(_data_config(new), batch_size=8, seed=0)
+    assert "captions-file order" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        pipeline.make_train_iterator(_data_config(old), batch_size=8, seed=0)
+    assert f"{tmp_path / 'old'}: its manifest.json does not record" in caplog.text
+
+
+def test_caption_order_is_a_fixed_permutation_sorted_per_shard():
+    order = shard_plan.caption_order(10, 4)
+    assert sorted(order.tolist()) == list(range(10))
+    assert order.tolist() == [0, 1, 8, 9, 2, 3, 5, 6, 4, 7]     # pinned: resumes must agree
+    for start in range(0, 10, 4):
+        assert order[start:start + 4].tolist() == sorted(order[start:start + 4].tolist())
+    big = shard_plan.caption_order(10_000, 1000)
+    assert np.abs(np.diff(big[:1000])).mean() > 5               # a sample, not a run

@@ -1,7 +1,8 @@
 """Per-record work of the training pipeline: pick m of a caption's K images, decode them, and
 turn them into m x num_crop augmented views.
 
-Randomness is keyed by (seed, epoch, caption_id[, view]) only, so the images sampled for a
+Randomness is keyed by (seed, epoch, label[, view], draw) only (label = caption_id + the
+offset of the record's directory), so the images sampled for a
 caption and their augmentations do not depend on batch size, host count, shuffling or where a
 run was resumed. Decoding is separated from augmentation so that only undecodable *data* is
 dropped (see `safe_decode`), while a bug in augmentation still fails loudly.
@@ -17,20 +18,35 @@ _SAMPLE_SALT = 1
 _VIEW_SALT = 2
 
 
-def parse_and_sample(serialized, epoch, *, n_img: int, seed: int) -> dict:
+def parse_and_sample(serialized, epoch, *, n_img: int, seed: int, readable=True,
+                     label_offset=0, draw=0) -> dict:
     """Parses one record and keeps `n_img` of its K encoded images, drawn without replacement,
-    fresh for every epoch. Fails (a hard error, not a drop) when K < n_img."""
-    rec = records.parse_example(serialized)
-    num = tf.shape(rec["images"])[0]
-    check = tf.debugging.Assert(
-        num >= n_img, [TOO_FEW_IMAGES, "caption_id", rec["caption_id"], "images", num,
-                       "n_img", n_img])
-    with tf.control_dependencies([check]):
-        key = augment.make_key(seed, _SAMPLE_SALT, epoch, rec["caption_id"])
-        order = tf.argsort(tf.random.stateless_uniform([num], seed=key))
-    chosen = order[:n_img]
-    return {"caption": rec["caption"], "caption_id": rec["caption_id"], "epoch": epoch,
-            "encoded": tf.ensure_shape(tf.gather(rec["images"], chosen), [n_img])}
+    fresh for every epoch. Fails (a hard error, not a drop) when K < n_img.
+
+    `label` = caption_id + `label_offset` (unique across the directories a run reads) keys the
+    randomness; `draw` is 0 for a record's first use in an epoch and 1 when it is re-read as a
+    spare, so a spare gets other images and views. An unreadable record (`readable` False: the
+    corrupt tail of a shard) becomes an element with no images, which `safe_decode` flags."""
+    def parsed():
+        rec = records.parse_example(serialized)
+        num = tf.shape(rec["images"])[0]
+        check = tf.debugging.Assert(
+            num >= n_img, [TOO_FEW_IMAGES, "caption_id", rec["caption_id"], "images", num,
+                           "n_img", n_img])
+        label = rec["caption_id"] + tf.cast(label_offset, tf.int64)
+        with tf.control_dependencies([check]):
+            key = augment.make_key(seed, _SAMPLE_SALT, epoch, label, draw)
+            order = tf.argsort(tf.random.stateless_uniform([num], seed=key))
+        return (rec["caption"], rec["caption_id"], label,
+                tf.ensure_shape(tf.gather(rec["images"], order[:n_img]), [n_img]))
+
+    def unreadable():
+        return (tf.constant(b""), tf.constant(-1, tf.int64), tf.constant(-1, tf.int64),
+                tf.fill([n_img], b""))
+
+    caption, caption_id, label, encoded = tf.cond(tf.cast(readable, tf.bool), parsed, unreadable)
+    return {"caption": caption, "caption_id": caption_id, "label": label, "epoch": epoch,
+            "draw": tf.cast(draw, tf.int64), "encoded": encoded}
 
 
 def _decode_all(element: dict, n_img: int) -> dict:
@@ -59,8 +75,8 @@ def safe_decode(element: dict, *, n_img: int) -> tf.data.Dataset:
     return decoded.concatenate(fallback).take(1)
 
 
-def view_key(seed: int, epoch, caption_id, view: int):
-    return augment.make_key(seed, _VIEW_SALT, epoch, caption_id, view)
+def view_key(seed: int, epoch, label, view: int, draw=0):
+    return augment.make_key(seed, _VIEW_SALT, epoch, label, view, draw)
 
 
 def augment_views(element: dict, *, spec: augment.AugmentSpec, num_crop: int, seed: int) -> dict:
@@ -68,7 +84,8 @@ def augment_views(element: dict, *, spec: augment.AugmentSpec, num_crop: int, se
     views = []
     for i, image in enumerate(element["images"]):
         for c in range(num_crop):
-            key = view_key(seed, element["epoch"], element["caption_id"], i * num_crop + c)
+            key = view_key(seed, element["epoch"], element["label"], i * num_crop + c,
+                           element["draw"])
             views.append(augment.augment_image(key, image, spec))
-    return {"images": tf.stack(views), "labels": tf.cast(element["caption_id"], tf.int32),
+    return {"images": tf.stack(views), "labels": tf.cast(element["label"], tf.int32),
             "caption": element["caption"]}
