@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def synthetic_iterator(data_config, *, batch_size, seed, process_index, process_count,
-                       start_step=0, tokenizer_dir=None):
+                       start_step=0, tokenizer_dir=None, steps_per_epoch=None):
     """Global batch of step s from a fixed RNG; this process yields only its rows."""
     views = data_config.n_img * data_config.num_crop
     size = data_config.image_size
