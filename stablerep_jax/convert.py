@@ -3,6 +3,7 @@ r"""Imports released PyTorch StableRep checkpoints (timm ViT layout) into our ch
   python -m stablerep_jax.convert --config=configs/convert.py:base \
       --config.pth=vit_base.pth --config.output_dir=OUT
 
+`pth` is a local path or any tf.io.gfile URL (gs://); `output_dir` a local path or gs://.
 Accepted inputs (`torch.load(..., weights_only=True)`):
   * the reference's training checkpoint: a dict whose `model` (or `state_dict`) holds `visual.*`
     (timm ViT), `image_mlp.*` (head) and, for StableRep++, the text tower, projections and
@@ -17,6 +18,7 @@ otherwise the error lists the offending keys.
 from __future__ import annotations
 
 import argparse
+import io
 import re
 from typing import Any, Mapping
 
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from stablerep_jax import checkpoint
+from stablerep_jax import checkpoint, fileio
 from stablerep_jax.models.encoder import build_model
 from stablerep_jax.models.heads import head_key_map
 from stablerep_jax.models.text import text_key_map
@@ -51,8 +53,9 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
                           "pip install 'stablerep_jax[torch]'") from e
     # The reference saves its argparse options next to the weights; allow just that class.
     try:
+        source = io.BytesIO(fileio.read_bytes(path)) if fileio.is_url(path) else path
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(source, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint file not found: {path}") from None
     except Exception as e:   # torch raises UnpicklingError/RuntimeError for unsafe or bad files
@@ -272,15 +275,42 @@ def _check_all_filled(variables: dict, filled: set, allow_random: tuple) -> None
 # The job
 
 
-def run(config) -> str:
-    """Converts `config.pth` and writes OUTPUT_DIR/checkpoints/0; returns the step directory."""
-    if not config.pth:
-        raise ValueError("set --config.pth to the .pth file to import")
-    if not config.output_dir:
+# orbax writes arrays through TensorStore, which has drivers for local files, GCS and S3 only.
+CHECKPOINT_URL_SCHEMES = ("gs://", "s3://")
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Stops before any work when orbax cannot write a checkpoint to `output_dir`."""
+    if not output_dir:
         raise ValueError("set --config.output_dir (the checkpoint goes to "
                          "OUTPUT_DIR/checkpoints/0)")
+    if fileio.is_url(output_dir) and not output_dir.startswith(CHECKPOINT_URL_SCHEMES):
+        raise ValueError(f"output_dir={output_dir!r}: orbax checkpoints go to a local path or "
+                         f"a {' / '.join(CHECKPOINT_URL_SCHEMES)} URL (TensorStore has no "
+                         f"driver for {output_dir.split('://')[0]}://)")
+
+
+def _exists_on_process_0(path) -> bool:
+    """Whether `path` exists, as process 0 sees it before anyone writes: every process gets the
+    same answer, so all of them stop or all of them save (orbax's save needs every process)."""
+    exists = np.array(path.exists() if jax.process_index() == 0 else False)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        exists = multihost_utils.broadcast_one_to_all(exists)
+    return bool(exists)
+
+
+def run(config) -> str:
+    """Converts `config.pth` and writes OUTPUT_DIR/checkpoints/0; returns the step directory.
+
+    In a multi-process job every process converts and calls the save; orbax writes the files
+    once, from process 0 (the .pth must be readable by every process: a URL or a copy each).
+    """
+    if not config.pth:
+        raise ValueError("set --config.pth to the .pth file to import")
+    check_output_dir(config.output_dir)
     existing = checkpoint.checkpoints_dir(config.output_dir) / "0"
-    if existing.exists():
+    if _exists_on_process_0(existing):
         raise FileExistsError(f"{existing} already exists; choose another --config.output_dir")
     state_dict = strip_module_prefix(load_torch_state_dict(config.pth))
     description = describe_state_dict(state_dict, config.text_heads, config.import_text)
@@ -301,6 +331,8 @@ def run(config) -> str:
 
 
 def main(config):
+    from stablerep_jax import parallel
+    parallel.initialize_distributed()       # pods / SLURM: one checkpoint, written once
     run(config)
 
 

@@ -234,3 +234,51 @@ def test_command_line(tmp_path, visual_and_head):
     with torch.no_grad():
         ref = visual.cls_token.numpy().reshape(-1)
     np.testing.assert_array_equal(params["visual"]["cls_token"].reshape(-1), ref)
+
+
+def test_output_dir_that_orbax_cannot_write_is_refused_first(tmp_path, ram_dir):
+    """ram:// (like any URL TensorStore has no driver for) would put the arrays in a local
+    folder named 'ram:'; the job stops before reading anything, naming the config key."""
+    with pytest.raises(ValueError, match=r"output_dir='ram://.*local path or a gs:// / s3://"):
+        convert.run(convert_config(str(tmp_path / "not_read.pth"), ram_dir))
+    assert not os.path.exists("ram:") and not (tmp_path / "ram:").exists()
+
+
+def test_pth_is_read_from_a_url(tmp_path, ram_dir, visual_and_head):
+    """The released weights may sit in a bucket: the .pth is read through tf.io.gfile (here
+    ram://, the same code path as gs://); the checkpoint itself stays local."""
+    import tensorflow as tf
+    visual, head = visual_and_head
+    local = save_pth(tmp_path / "r.pth", released_state_dict(visual, head))
+    url = ram_dir + "/weights/r.pth"
+    tf.io.gfile.makedirs(ram_dir + "/weights")
+    tf.io.gfile.copy(local, url)
+    convert.run(convert_config(url, tmp_path / "out"))
+    params, _, _ = checkpoint.load_model(tmp_path / "out")
+    np.testing.assert_array_equal(params["visual"]["cls_token"].reshape(-1),
+                                  visual.cls_token.detach().numpy().reshape(-1))
+    with pytest.raises(FileNotFoundError, match="none.pth"):
+        convert.run(convert_config(ram_dir + "/weights/none.pth", tmp_path / "out2"))
+
+
+@pytest.mark.slow
+def test_two_hosts_write_one_checkpoint(tmp_path, visual_and_head):
+    """Two hosts of a (simulated SLURM) cluster run the command line: the job joins
+    jax.distributed, every process calls the save and orbax writes the checkpoint once; a
+    second run stops on every process alike (nobody is left waiting inside a save)."""
+    from processes import run_processes
+    visual, head = visual_and_head
+    pth = save_pth(tmp_path / "r.pth", released_state_dict(visual, head))
+    args = [os.path.join(REPO, "tests", "multiprocess_writers.py"), 2, "convert", "convert.py:tiny",
+            f"--config.pth={pth}", f"--config.output_dir={tmp_path / 'out'}",
+            f"--config.image_size={SIZE}", f"--config.mlp_dim={MLP}", f"--config.emb_dim={EMB}"]
+    outputs = run_processes(*args)
+    for i, output in enumerate(outputs):
+        assert "exit code 0" in output and f"process {i} of 2" in output, output[-3000:]
+    params, batch_stats, model_config = checkpoint.load_model(tmp_path / "out")
+    with torch.no_grad():
+        x = images_nchw()
+        ref = visual(x).numpy()
+    np.testing.assert_allclose(encode(params, batch_stats, model_config, x), ref, atol=1e-4)
+    for output in run_processes(*args):
+        assert "already exists" in output and "exit code 1" in output, output[-3000:]
