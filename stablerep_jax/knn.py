@@ -5,72 +5,22 @@ r"""Weighted k-NN classification on frozen features (InstDisc / DINO protocol): 
 
 Each test feature votes with its k nearest training features (cosine similarity) weighted by
 exp(sim / T); k=20 and T=0.07 as in DINO. `knn_classify` works on features already extracted
-(the linear probe calls it); `KnnMonitor` extracts features from a dataset for a model's current
-params, for use during training every N steps. The job writes WORKDIR/knn_results.json.
+(it lives in `features`, shared with the linear probe); `KnnMonitor` extracts features from a
+dataset for a model's current params, for use during training every N steps. The job writes
+WORKDIR/knn_results.json.
 """
 from __future__ import annotations
 
-import functools
 import os
 import time
+
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import flags, logging
 
 from stablerep_jax import features as features_lib
 from stablerep_jax import fileio, parallel
 from stablerep_jax.data import eval_data
-
-
-def _normalize(x):
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-@functools.partial(jax.jit, static_argnames=("num_classes", "k"))
-def knn_scores(train_feats, train_labels, test_feats, num_classes: int, k: int,
-               temperature: float) -> jax.Array:
-    """Class scores [Nt, C]: sum over the k most similar training features of exp(sim / T)."""
-    sims = _normalize(test_feats) @ _normalize(train_feats).T               # [Nt, N]
-    top_sims, top_idx = jax.lax.top_k(sims, k)
-    weights = jnp.exp(top_sims / temperature)
-    votes = jax.nn.one_hot(train_labels[top_idx], num_classes, dtype=weights.dtype)
-    return jnp.einsum("tk,tkc->tc", weights, votes)
-
-
-def knn_classify(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
-                 test_labels: np.ndarray, num_classes: int, k: int = 20,
-                 temperature: float = 0.07, mesh=None, chunk: int = 1024) -> dict:
-    """Weighted k-NN top-1 / top-5 (fractions) of the test features.
-
-    Training features are replicated; test features go in chunks sharded over the `data` axis,
-    the last one padded with masked blanks, so every test example counts exactly once.
-    """
-    if len(train_feats) == 0 or len(test_feats) == 0:
-        raise ValueError(f"k-NN needs features: {len(train_feats)} train, {len(test_feats)} test")
-    mesh = mesh if mesh is not None else parallel.make_mesh()
-    n_dev = mesh.shape[parallel.DATA_AXIS]
-    k = min(int(k), len(train_feats))
-    chunk = max(n_dev, chunk // n_dev * n_dev)
-    rep, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    train_f = jax.device_put(np.asarray(train_feats, np.float32), rep)
-    train_l = jax.device_put(np.asarray(train_labels, np.int32), rep)
-    correct1 = correct5 = 0
-    for start in range(0, len(test_feats), chunk):
-        part = np.asarray(test_feats[start:start + chunk], np.float32)
-        valid = len(part)
-        padded = np.zeros((chunk,) + part.shape[1:], np.float32)
-        padded[:valid] = part
-        scores = knn_scores(train_f, train_l, jax.device_put(padded, sharded), num_classes, k,
-                            float(temperature))
-        scores = features_lib.to_host(scores)[:valid]
-        labels = np.asarray(test_labels[start:start + chunk])
-        ranked = np.argsort(-scores, axis=1, kind="stable")
-        correct1 += int(np.sum(ranked[:, 0] == labels))
-        correct5 += int(np.sum(np.any(ranked[:, :min(5, num_classes)] == labels[:, None], axis=1)))
-    n = len(test_feats)
-    return {"knn_top1": correct1 / n, "knn_top5": correct5 / n, "knn_k": k,
-            "knn_temperature": float(temperature)}
+from stablerep_jax.features import knn_classify, knn_scores  # noqa: F401  (this job's API)
 
 
 class KnnMonitor:

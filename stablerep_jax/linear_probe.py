@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from stablerep_jax import features as features_lib
-from stablerep_jax import checkpoint, fileio, knn, parallel
+from stablerep_jax import checkpoint, fileio, parallel
 from stablerep_jax.data import eval_data
 from stablerep_jax.metrics import MetricWriter
 
@@ -179,32 +179,38 @@ def make_hparams(lrs: Sequence[float], epochs: int, steps_per_epoch: int,
 
 
 def make_epoch_fn(hp: HeadHParams, mesh):
-    """jit(state, feats [S, B, D], labels [S, B]) -> (state, losses [S, H]): one epoch, one scan."""
-    def epoch(state, feats, labels):
-        return jax.lax.scan(functools.partial(head_step, hp=hp), state, (feats, labels))
+    """jit(state, feats [N, D], labels [N], order [S, B]) -> (state, losses [S, H]): one epoch
+    as one scan. The features stay on the devices (every device holds them all); each step
+    gathers its batch rows there, every device only its own shard of the batch."""
+    batch = parallel.batch_sharded(mesh)
+
+    def epoch(state, feats, labels, order):
+        def step(state, rows):
+            rows = jax.lax.with_sharding_constraint(rows, batch)
+            return head_step(state, (feats[rows], labels[rows]), hp)
+        return jax.lax.scan(step, state, order)
 
     rep = parallel.replicated(mesh)
-    data = NamedSharding(mesh, P(None, parallel.DATA_AXIS))
-    return jax.jit(epoch, in_shardings=(rep, data, data), out_shardings=(rep, rep),
+    return jax.jit(epoch, in_shardings=(rep, rep, rep, rep), out_shardings=(rep, rep),
                    donate_argnums=(0,))
 
 
 def cached_epoch_runner(feats: np.ndarray, labels: np.ndarray, hp: HeadHParams, batch_size: int,
                         mesh, seed: int = 0) -> Callable:
     """`run_epoch(state, epoch) -> (state, mean loss [H])` on cached features (every host holds
-    all of them): a fresh permutation per epoch, remainder dropped, one compiled scan."""
+    all of them): they are put on the devices once; each epoch uploads only a fresh permutation
+    (remainder dropped) and runs one compiled scan."""
     steps = len(feats) // batch_size
     if steps == 0:
         raise ValueError(f"batch_size {batch_size} is larger than the {len(feats)} training examples")
     epoch_fn = make_epoch_fn(hp, mesh)
-    feats = np.asarray(feats, np.float32)
-    labels = np.asarray(labels, np.int32)
-    spec = P(None, parallel.DATA_AXIS)
+    on_device = [_global_from_host(mesh, np.asarray(a, dtype), P())
+                 for a, dtype in ((feats, np.float32), (labels, np.int32))]
+    num_examples = len(feats)
 
     def run_epoch(state, epoch):
-        order = _epoch_order(seed, epoch, len(feats), steps, batch_size)
-        state, losses = epoch_fn(state, _global_from_host(mesh, feats[order], spec),
-                                 _global_from_host(mesh, labels[order], spec))
+        order = _epoch_order(seed, epoch, num_examples, steps, batch_size).astype(np.int32)
+        state, losses = epoch_fn(state, *on_device, _global_from_host(mesh, order, P()))
         return state, jnp.mean(losses, axis=0)
 
     return run_epoch
@@ -321,26 +327,45 @@ def train_heads_on_features(feats: np.ndarray, labels: np.ndarray, num_classes: 
     return fit.state, fit.history
 
 
+def make_evaluator(feats: np.ndarray, labels: np.ndarray, num_classes: int, use_bn: bool, mesh,
+                   chunk: int = 4096) -> Callable:
+    """`evaluate(state) -> (top-1 [H], top-5 [H])` fractions over all test examples. The test
+    features go to the devices once, in chunks sharded over `data` (the last one padded with
+    masked blanks), and the evaluation is compiled once: one scan over the chunks per call."""
+    n_dev = mesh.shape[parallel.DATA_AXIS]
+    num = len(feats)
+    chunk = max(n_dev, min(chunk, -(-num // n_dev) * n_dev) // n_dev * n_dev)
+    chunks = -(-num // chunk)
+    pad = chunks * chunk - num
+    spec = P(None, parallel.DATA_AXIS)
+    f = np.pad(np.asarray(feats, np.float32), ((0, pad), (0, 0))).reshape(chunks, chunk, -1)
+    l = np.pad(np.asarray(labels, np.int32), (0, pad)).reshape(chunks, chunk)
+    m = (np.arange(chunks * chunk) < num).reshape(chunks, chunk)
+    on_device = [_global_from_host(mesh, a, spec) for a in (f, l, m)]
+    count = functools.partial(correct_counts, use_bn=use_bn, top_k=min(5, num_classes))
+
+    def hits(state, f, l, m):
+        def body(total, xs):
+            c1, c5 = count(state, *xs)
+            return (total[0] + c1, total[1] + c5), None
+        zeros = jnp.zeros(state.bias.shape[0], jnp.int32)
+        return jax.lax.scan(body, (zeros, zeros), (f, l, m))[0]
+
+    rep = parallel.replicated(mesh)
+    data = NamedSharding(mesh, spec)
+    fn = jax.jit(hits, in_shardings=(rep, data, data, data), out_shardings=rep)
+
+    def evaluate(state):
+        c1, c5 = fn(state, *on_device)
+        return np.asarray(c1) / num, np.asarray(c5) / num
+
+    return evaluate
+
+
 def evaluate_heads(state: HeadState, feats: np.ndarray, labels: np.ndarray, num_classes: int,
                    use_bn: bool, mesh, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """(top-1 [H], top-5 [H]) fractions over all test examples (last chunk padded + masked)."""
-    n_dev = mesh.shape[parallel.DATA_AXIS]
-    chunk = max(n_dev, min(chunk, -(-len(feats) // n_dev) * n_dev) // n_dev * n_dev)
-    top_k = min(5, num_classes)
-    fn = jax.jit(functools.partial(correct_counts, use_bn=use_bn, top_k=top_k),
-                 in_shardings=(parallel.replicated(mesh),) + (parallel.batch_sharded(mesh),) * 3,
-                 out_shardings=parallel.replicated(mesh))
-    hits1 = hits5 = 0
-    for start in range(0, len(feats), chunk):
-        part = slice(start, start + chunk)
-        valid = len(feats[part])
-        pad = chunk - valid
-        f = np.pad(np.asarray(feats[part], np.float32), ((0, pad), (0, 0)))
-        l = np.pad(np.asarray(labels[part], np.int32), (0, pad))
-        m = np.arange(chunk) < valid
-        c1, c5 = fn(state, *(_global_from_host(mesh, a, P(parallel.DATA_AXIS)) for a in (f, l, m)))
-        hits1, hits5 = hits1 + np.asarray(c1), hits5 + np.asarray(c5)
-    return hits1 / len(feats), hits5 / len(feats)
+    """(top-1 [H], top-5 [H]) fractions over all test examples (one-off `make_evaluator`)."""
+    return make_evaluator(feats, labels, num_classes, use_bn, mesh, chunk)(state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,8 +490,7 @@ def run(config, workdir: str, mesh=None) -> dict:
     writer = MetricWriter(workdir)
     try:
         fit = fit_heads(state, run_epoch, config.epochs,
-                        lambda s: evaluate_heads(s, test_f, test_l, data.num_classes,
-                                                 config.use_bn, mesh),
+                        make_evaluator(test_f, test_l, data.num_classes, config.use_bn, mesh),
                         eval_epochs(config.epochs, config.eval_every),
                         _epoch_logger(writer, base_lrs))
     finally:
@@ -483,8 +507,9 @@ def run(config, workdir: str, mesh=None) -> dict:
         "checkpoint_dtype": encoder.trained_dtype, "devices": n_dev,
     })
     if config.knn.enabled:
-        results.update(knn.knn_classify(train_f, train_l, test_f, test_l, data.num_classes,
-                                        config.knn.k, config.knn.temperature, mesh))
+        results.update(features_lib.knn_classify(train_f, train_l, test_f, test_l,
+                                                 data.num_classes, config.knn.k,
+                                                 config.knn.temperature, mesh))
     results["seconds"] = round(time.time() - start, 1)
     if jax.process_index() == 0:
         save_head(os.path.join(workdir, BEST_HEAD), fit.best_head, {
