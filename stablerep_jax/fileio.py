@@ -10,8 +10,8 @@ file never touch each other's temporary file. On local disks the data is flushed
 partial file under a final name; the rename is atomic. On GCS a rename is a copy then a delete,
 which still creates the final object in one step. A failed write removes its temporary file.
 Readers of a directory skip names ending in `TMP_SUFFIX`; a process killed mid-write (kill -9,
-host crash) leaves its temporary file behind, which no reader matches and which can be deleted
-whenever no job writes to the directory.
+host crash) leaves its temporary file behind, which no reader matches and which the writer of
+that file removes when it runs again (`remove_stale_temp_files`).
 
 TensorFlow is imported on first use, not at import time: modules that only write local PNGs
 (the contact sheet, reports) stay cheap to import, and importing this module never puts TF's
@@ -25,7 +25,7 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 TMP_SUFFIX = ".tmp"
 LOCAL_FILE_MODE = 0o644      # outputs are for people and other jobs, whatever the umask
@@ -78,6 +78,35 @@ def temp_name(path: str) -> str:
     directory and ending in `TMP_SUFFIX` (so readers that skip that suffix skip it)."""
     host = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname())[:32].strip("-") or "host"
     return f"{path}.{host}-{os.getpid()}-{secrets.token_hex(6)}{TMP_SUFFIX}"
+
+
+_TEMP_TAG = re.compile(r"\.[A-Za-z0-9-]+-\d+-[0-9a-f]{12}$")    # what temp_name appends
+
+
+def final_name_of(temp: str) -> str | None:
+    """The final name a temporary file was written for (`temp_name`'s, or older versions'
+    NAME.tmp); None for a name that is not a temporary file."""
+    if not temp.endswith(TMP_SUFFIX):
+        return None
+    base = temp[:-len(TMP_SUFFIX)]
+    tag = _TEMP_TAG.search(base)
+    return base[:tag.start()] if tag else base
+
+
+def remove_stale_temp_files(directory: str, names: Sequence[str]) -> list[str]:
+    """Removes the temporary files in `directory` written for the final file names `names`
+    by runs that were killed mid-write; returns the removed names.
+
+    A rerun never reuses a dead run's temporary name, so without this every kill during a
+    write would leave a partial file for good. Only pass names that no other live process
+    writes (e.g. this host's own shards, or process 0's outputs)."""
+    if not exists(directory):
+        return []
+    wanted = set(names)
+    stale = sorted(n for n in _gfile().listdir(directory) if final_name_of(n) in wanted)
+    for name in stale:
+        remove_if_present(os.path.join(directory, name))
+    return stale
 
 
 def _fsync(path: str) -> None:

@@ -158,3 +158,23 @@ def test_local_files_reach_the_disk_before_their_final_name(tmp_path, monkeypatc
     (tmp_name, size, final_existed), (directory, _, _) = synced
     assert tmp_name.endswith(fileio.TMP_SUFFIX) and size == 1000 and not final_existed
     assert directory == str(tmp_path)
+
+
+def test_stale_temporary_files_of_given_names_are_removed(directory):
+    """A killed writer's temporary file is never reused by the rerun (names are unique), so
+    the rerun removes the ones for the files it writes, and nothing else."""
+    fileio.makedirs(directory)
+    shard = os.path.join(directory, "train-00001-of-00002.tfrecord")
+    other = os.path.join(directory, "train-00000-of-00002.tfrecord")
+    dead = [fileio.temp_name(shard), shard + fileio.TMP_SUFFIX]       # today's and older names
+    alive = [fileio.temp_name(other), os.path.join(directory, "train.tmp")]
+    for path in dead + alive + [shard]:
+        with tf.io.gfile.GFile(path, "wb") as f:
+            f.write(b"partial")
+    assert [fileio.final_name_of(os.path.basename(p)) for p in dead + alive] == [
+        os.path.basename(shard)] * 2 + [os.path.basename(other), "train"]
+    assert fileio.final_name_of("train-00000-of-00002.tfrecord") is None
+    removed = fileio.remove_stale_temp_files(directory, [os.path.basename(shard)])
+    assert removed == sorted(os.path.basename(p) for p in dead)
+    assert _names(directory) == sorted(os.path.basename(p) for p in alive + [shard])
+    assert fileio.remove_stale_temp_files(os.path.join(directory, "none"), ["x"]) == []
