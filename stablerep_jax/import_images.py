@@ -11,15 +11,24 @@ or, for a folder of caption groups (one sub-folder per caption with caption.txt 
       --config.folder=/data/my_groups --config.output_dir=/data/my_tfrecords
 
 Missing or unreadable images are reported by name: with `on_missing=error` (default) the job
-stops before writing the shard that needs them (with `check_first`, before writing anything);
-with `on_missing=skip_caption` the captions concerned are left out and listed in
-OUTPUT_DIR/missing.txt. Shards are written atomically; `manifest.json` is written last, so a
-directory with a manifest is complete. Rerunning after an interruption keeps finished shards.
+stops before writing the shard that needs them (with `check_first`, before writing any of this
+process's shards); with `on_missing=skip_caption` the captions concerned are left out and listed
+in OUTPUT_DIR/missing.txt.
+
+Outputs: `settings.json` (written first: the inputs and options the shards depend on), the
+shards (each written atomically after its `shard_info/<shard>.json`: counts and skipped images),
+then `manifest.json` and `missing.txt`, which cover every shard on disk, whichever run or host
+wrote it. Rerunning after an interruption keeps finished shards; a rerun with another CSV,
+folder, roots, seeds, captions_per_shard or encoding stops and names each changed setting.
+On a pod every host runs the job: host H writes shards H, H + N, ...; host 0 alone writes
+settings.json, manifest.json and missing.txt.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import io
+import json
 import os
 from collections.abc import Sequence
 
@@ -29,11 +38,13 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from stablerep_jax import fileio
-from stablerep_jax.data import layouts, records
+from stablerep_jax.data import layouts, records, shard_plan
 
 IMAGE_FORMATS = ("keep", *records.IMAGE_FORMATS)
 ON_MISSING = ("error", "skip_caption")
 MISSING_REPORT = "missing.txt"
+SETTINGS_NAME = "settings.json"
+SHARD_INFO_DIR = "shard_info"     # <shard>.json: a written shard's counts and skipped images
 _REPORT_NAMES = 20
 
 
@@ -114,9 +125,12 @@ def _groups(config) -> list[layouts.CaptionGroup]:
         raise ValueError("set exactly one of --config.csv (with --config.roots) or "
                          "--config.folder")
     if config.csv:
-        roots = [r.strip() for r in (config.roots or "").split(",") if r.strip()]
-        return layouts.read_reference_layout(config.csv, roots)
+        return layouts.read_reference_layout(config.csv, _roots(config))
     return layouts.read_folder_layout(config.folder)
+
+
+def _roots(config) -> list[str]:
+    return [r.strip() for r in (config.roots or "").split(",") if r.strip()]
 
 
 def _seeds(config, k: int) -> list[int]:
@@ -131,11 +145,11 @@ def _seeds(config, k: int) -> list[int]:
 def plan_shards(groups: Sequence[layouts.CaptionGroup],
                 captions_per_shard: int) -> list[tuple[str, list[layouts.CaptionGroup]]]:
     """(shard file name, its caption groups) for every shard of the output, the same on every
-    host and every rerun."""
-    num_shards = -(-len(groups) // captions_per_shard)
-    return [(f"train-{index:05d}-of-{num_shards:05d}.tfrecord",
-             list(groups[index * captions_per_shard:(index + 1) * captions_per_shard]))
-            for index in range(num_shards)]
+    host and every rerun: each shard holds a seeded random sample of the groups
+    (`shard_plan.caption_order`), so no shard is a run of neighbouring CSV rows."""
+    slices = shard_plan.shard_slices(len(groups), captions_per_shard)
+    return [(f"train-{index:05d}-of-{len(slices):05d}.tfrecord",
+             [groups[i] for i in ids.tolist()]) for index, ids in enumerate(slices)]
 
 
 def check_config(config) -> None:
@@ -149,65 +163,213 @@ def check_config(config) -> None:
         raise ValueError(f"captions_per_shard={config.captions_per_shard}: must be >= 1")
 
 
-def run(config) -> dict:
-    """Imports the images the config names; returns the written manifest."""
-    check_config(config)
-    groups = _groups(config)
-    k_max = max(len(g.paths) for g in groups)
-    seeds = _seeds(config, k_max)
-    tf.io.gfile.makedirs(config.output_dir)
-    num_shards = -(-len(groups) // config.captions_per_shard)
-    logging.info("importing %d captions (up to %d images each) into %d shards in %s",
-                 len(groups), k_max, num_shards, config.output_dir)
+def settings_of(config, groups: Sequence[layouts.CaptionGroup], seeds: Sequence[int]) -> dict:
+    """Everything the shards' contents depend on (not workers or checks): a rerun into the same
+    output_dir must give the same, or it would keep shards of other data (settings.json)."""
+    reencodes_jpeg = config.image_format == "jpeg" or (
+        config.image_format == "keep" and config.save_size > 0)
+    return {
+        "layout": "reference" if config.csv else "folder",
+        "roots": _roots(config) if config.csv else None,
+        "folder": config.folder or None,
+        "captions_sha256": groups_fingerprint(groups), "num_captions": len(groups),
+        "seeds": list(seeds), "captions_per_shard": config.captions_per_shard,
+        "image_format": config.image_format, "save_size": config.save_size,
+        "jpeg_quality": config.jpeg_quality if reencodes_jpeg else None,
+        shard_plan.ORDER_KEY: shard_plan.order_info(),
+    }
 
-    skipped: list[str] = []
-    shards: dict[str, dict] = {}
-    k_min = k_max
+
+def groups_fingerprint(groups: Sequence[layouts.CaptionGroup]) -> str:
+    """sha256 of every caption, its id and its image paths: another CSV (or the same one
+    edited, or another folder) gives another fingerprint."""
+    digest = hashlib.sha256()
+    for g in groups:
+        digest.update(json.dumps([g.caption_id, g.caption, list(g.paths)]).encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+def _process(config) -> tuple[int, int]:
+    import jax
+    index = jax.process_index() if config.process_index is None else config.process_index
+    count = jax.process_count() if config.process_count is None else config.process_count
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"process_index={index}, process_count={count}: need "
+                         "0 <= process_index < process_count")
+    return index, count
+
+
+def _barrier(config, process_count: int, name: str) -> None:
+    """Waits for every process of a jax.distributed job; processes given explicit
+    `process_index`/`process_count` run uncoordinated (e.g. one after another)."""
+    if process_count > 1 and config.process_count is None:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"stablerep_jax.import_images: {name}")
+
+
+def _finished_shards(output_dir: str) -> set[str]:
+    """Names of the shards on disk (one listing; temporary files never match)."""
+    pattern = os.path.join(output_dir, f"train-*{records.SHARD_SUFFIX}")
+    return {os.path.basename(p) for p in tf.io.gfile.glob(pattern)}
+
+
+def _info_path(output_dir: str, name: str) -> str:
+    return os.path.join(output_dir, SHARD_INFO_DIR, name + ".json")
+
+
+def _write_shard(output_dir: str, name: str, recs: Sequence[records.CaptionRecord],
+                 problems: Sequence[str]) -> dict:
+    """The shard's counts and skipped images (its info file, written first: a shard on disk
+    always has one), then the shard itself."""
+    info = {"captions": len(recs), "images": sum(len(r.images) for r in recs),
+            "min_images": min((len(r.images) for r in recs), default=None),
+            "skipped": list(problems)}
+    fileio.write_json_atomic(_info_path(output_dir, name), info)
+    records.write_shard(os.path.join(output_dir, name), recs)
+    return info
+
+
+def _read_shard_info(output_dir: str, name: str) -> dict:
+    """A finished shard's info file; for a shard written by an older version (no info file),
+    its counts read from the shard (its skipped images are then unknown, and logged)."""
+    try:
+        return fileio.read_json(_info_path(output_dir, name))
+    except FileNotFoundError:
+        done = records.read_records(os.path.join(output_dir, name))
+        logging.warning("%s has no %s/%s.json (written by an older version): counted its "
+                        "records; images it left out are not in %s", name, SHARD_INFO_DIR,
+                        name, MISSING_REPORT)
+        return {"captions": len(done), "images": sum(len(r.images) for r in done),
+                "min_images": min((len(r.images) for r in done), default=None), "skipped": []}
+
+
+def _check_present(config, todo) -> None:
+    """Stops before anything is written when an image of the shards to write is missing."""
     with concurrent.futures.ThreadPoolExecutor(config.num_workers) as pool:
-        if config.check_first:
-            missing = _missing_paths(groups, pool)
-            if missing and config.on_missing == "error":
-                raise FileNotFoundError(_report(missing) + "\nnothing was written")
-        bar = tqdm(total=len(groups), desc="import", unit="caption", mininterval=2.0)
-        for name, chunk in plan_shards(groups, config.captions_per_shard):
-            path = os.path.join(config.output_dir, name)
-            if tf.io.gfile.exists(path):
-                done = records.read_records(path)
-                shards[name] = {"captions": len(done), "images": sum(len(r.images) for r in done)}
-                k_min = min([k_min] + [len(r.images) for r in done])
-                logging.info("%s exists from an earlier run; kept", path)
-                bar.update(len(chunk))
-                continue
+        missing = _missing_paths([g for _, chunk in todo for g in chunk], pool)
+    if missing:
+        raise FileNotFoundError(_report(missing) + "\nnothing was written")
+
+
+def _remove_stale_temp_files(output_dir: str, todo, process_index: int) -> None:
+    """Partial files killed runs left for what this process writes (its own shards and their
+    info files; process 0 also its JSON outputs): no other process writes those names."""
+    names = [name for name, _ in todo]
+    stale = fileio.remove_stale_temp_files(output_dir, names + (
+        [SETTINGS_NAME, records.MANIFEST_NAME, MISSING_REPORT] if process_index == 0 else []))
+    stale += fileio.remove_stale_temp_files(os.path.join(output_dir, SHARD_INFO_DIR),
+                                            [name + ".json" for name in names])
+    if stale:
+        logging.info("removed %d temporary files left by interrupted runs: %s", len(stale),
+                     ", ".join(stale[:5]) + (" ..." if len(stale) > 5 else ""))
+
+
+def _import_shards(config, todo, seeds: Sequence[int]) -> int:
+    """Writes the shards of `todo` (name, groups); returns how many it wrote."""
+    written = 0
+    with concurrent.futures.ThreadPoolExecutor(config.num_workers) as pool:
+        bar = tqdm(total=sum(len(chunk) for _, chunk in todo), desc="import", unit="caption",
+                   mininterval=2.0)
+        for name, chunk in todo:
             built = list(pool.map(lambda g: _build_record(g, seeds, config), chunk))
             problems = [p for _, probs in built for p in probs]
             if problems and config.on_missing == "error":
                 error = FileNotFoundError if all(p.endswith(": missing") for p in problems) else ValueError
-                raise error(_report(problems) + f"\n(needed by shard {name}; "
-                            f"{len(shards)} earlier shards are complete)")
-            skipped += problems
-            recs = [r for r, _ in built if r is not None]
-            records.write_shard(path, recs)
-            k_min = min([k_min] + [len(r.images) for r in recs])
-            shards[name] = {"captions": len(recs), "images": sum(len(r.images) for r in recs)}
+                raise error(_report(problems) + f"\n(needed by shard {name}; {written} shards "
+                            "were written before it and are complete)")
+            _write_shard(config.output_dir, name, [r for r, _ in built if r is not None],
+                         problems)
+            written += 1
             bar.update(len(chunk))
         bar.close()
+    return written
 
+
+def write_outputs(config, plan, settings: dict, k_max: int) -> dict:
+    """manifest.json and missing.txt over every shard of the output on disk (this run's and
+    earlier runs', every host's): written once, by process 0, when the shards are done."""
+    output_dir = config.output_dir
+    finished = _finished_shards(output_dir)
+    infos = {name: _read_shard_info(output_dir, name) for name, _ in plan if name in finished}
+    skipped = [p for info in infos.values() for p in info["skipped"]]
+    report_path = os.path.join(output_dir, MISSING_REPORT)
     if skipped:
         logging.warning("left out captions with missing/unreadable images; %s", _report(skipped))
-        fileio.write_text_atomic(os.path.join(config.output_dir, MISSING_REPORT), "\n".join(skipped) + "\n")
+        fileio.write_text_atomic(report_path, "\n".join(skipped) + "\n")
+    else:
+        fileio.remove_if_present(report_path)       # left by an earlier run whose shards were redone
+    mins = [info["min_images"] for info in infos.values() if info["min_images"] is not None]
+    missing_shards = len(plan) - len(infos)
+    if missing_shards:
+        logging.warning("manifest.json lists %d of %d shards; %d are not written yet (rerun "
+                        "process 0 when every process is done)", len(infos), len(plan),
+                        missing_shards)
     source = {"csv": config.csv, "roots": config.roots} if config.csv else {"folder": config.folder}
-    manifest = records.write_manifest(
-        config.output_dir, shards, images_per_caption=k_min, source=source,
+    shards = {name: {"captions": info["captions"], "images": info["images"],
+                     "skipped_images": len(info["skipped"])} for name, info in infos.items()}
+    return records.write_manifest(
+        output_dir, shards, images_per_caption=min(mins, default=k_max), source=source,
         image_format=config.image_format, save_size=config.save_size,
-        skipped_images=len(skipped))
-    logging.info("wrote %d captions, %d images in %d shards to %s", manifest["num_captions"],
-                 manifest["num_images"], manifest["num_shards"], config.output_dir)
+        skipped_images=len(skipped), num_caption_ids=settings["num_captions"],
+        complete=missing_shards == 0, missing_shards=missing_shards, settings=settings,
+        **{shard_plan.ORDER_KEY: shard_plan.order_info()})
+
+
+def _check_output_dir(output_dir: str, settings_existed: bool, finished: set[str]) -> None:
+    """Shards without settings.json come from a version that recorded no settings (and put
+    captions into shards in another order): adding to them would mix two layouts."""
+    if settings_existed or not (finished or records.read_manifest(output_dir) is not None):
+        return
+    raise ValueError(f"{output_dir} holds shards ({len(finished)}) but no {SETTINGS_NAME}: "
+                     "they were written by an older version (captions in CSV order) and cannot "
+                     "be completed; import into a new output_dir")
+
+
+def run(config) -> dict | None:
+    """Imports this process's shards of the images the config names. Process 0 also writes
+    settings.json (first) and manifest.json + missing.txt (last, over the whole output) and
+    returns the manifest; other processes return None."""
+    check_config(config)
+    groups = _groups(config)
+    k_max = max(len(g.paths) for g in groups)
+    seeds = _seeds(config, k_max)
+    process_index, process_count = _process(config)
+    output_dir = config.output_dir
+    settings = settings_of(config, groups, seeds)
+    settings_path = os.path.join(output_dir, SETTINGS_NAME)
+    settings_existed = records.check_same_settings(settings_path, settings)
+    finished = _finished_shards(output_dir) if fileio.exists(output_dir) else set()
+    _check_output_dir(output_dir, settings_existed, finished)
+    plan = plan_shards(groups, config.captions_per_shard)
+    mine = plan[process_index::process_count]
+    todo = [(name, chunk) for name, chunk in mine if name not in finished]
+    logging.info("importing %d captions (up to %d images each) into %d shards in %s; process "
+                 "%d of %d: %d shards, %d kept from an earlier run, %d to write", len(groups),
+                 k_max, len(plan), output_dir, process_index, process_count, len(mine),
+                 len(mine) - len(todo), len(todo))
+    if config.check_first and config.on_missing == "error":
+        _check_present(config, todo)
+    fileio.makedirs(output_dir)
+    _remove_stale_temp_files(output_dir, todo, process_index)
+    coordinated = process_count > 1 and config.process_count is None
+    if not settings_existed and (process_index == 0 or not coordinated):
+        fileio.write_json_atomic(settings_path, settings)   # same bytes from whoever writes it
+    _barrier(config, process_count, "settings written")       # shards never predate settings
+    _import_shards(config, todo, seeds)
+    _barrier(config, process_count, "shards written")
+    if process_index != 0:
+        return None
+    manifest = write_outputs(config, plan, settings, k_max)
+    logging.info("%d captions, %d images in %d shards in %s", manifest["num_captions"],
+                 manifest["num_images"], manifest["num_shards"], output_dir)
     return manifest
 
 
 def main(config):
     from stablerep_jax import parallel
     parallel.hide_accelerators_from_tensorflow()
+    if config.process_count is None:
+        parallel.initialize_distributed()
     run(config)
 
 

@@ -3,6 +3,7 @@ become TFRecord shards that the training pipeline reads; missing images are repo
 import csv
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stablerep_jax import config_utils, import_images
-from stablerep_jax.data import pipeline, records
+from stablerep_jax import config_utils, fileio, import_images
+from stablerep_jax.data import layouts, pipeline, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = [f'a photo, of thing "{i}"' for i in range(10)]
@@ -74,9 +75,9 @@ def test_reference_layout_becomes_records_that_train_reads(tmp_path):
     manifest = import_images.run(_config(out, csv=csv_path, roots=",".join(roots)))
     assert manifest["num_captions"] == 10 and manifest["num_shards"] == 3
     assert manifest["images_per_caption"] == 3 and manifest["num_images"] == 30
-    recs = [r for name in sorted(manifest["shards"]) for r in
-            records.read_records(os.path.join(out, name))]
-    assert [r.caption_id for r in recs] == list(range(10))          # CSV order, header skipped
+    recs = sorted((r for name in sorted(manifest["shards"]) for r in
+                   records.read_records(os.path.join(out, name))), key=lambda r: r.caption_id)
+    assert [r.caption_id for r in recs] == list(range(10))          # CSV rows, header skipped
     assert [r.caption for r in recs] == CAPTIONS
     for r in recs:
         rel = os.path.join(f"part{r.caption_id // 5}",
@@ -136,8 +137,8 @@ def test_folder_of_caption_groups_with_resize_and_reencode(tmp_path):
     out = str(tmp_path / "out")
     manifest = import_images.run(_config(out, folder=str(folder), image_format="jpeg",
                                          save_size=15))
-    recs = [r for name in sorted(manifest["shards"]) for r in
-            records.read_records(os.path.join(out, name))]
+    recs = sorted((r for name in sorted(manifest["shards"]) for r in
+                   records.read_records(os.path.join(out, name))), key=lambda r: r.caption_id)
     assert [r.caption for r in recs] == [f"caption of group {g}" for g in range(5)]
     for r in recs:
         for data in r.images:
@@ -158,9 +159,17 @@ def test_rerun_keeps_finished_shards(tmp_path):
     os.utime(kept, (1, 1))
     os.remove(redone)
     os.remove(os.path.join(out, records.MANIFEST_NAME))
+    # What kill -9 during the writes left behind: partial files under temporary names.
+    partial = [fileio.temp_name(redone), redone + fileio.TMP_SUFFIX,
+               fileio.temp_name(os.path.join(out, "shard_info", os.path.basename(redone) + ".json")),
+               fileio.temp_name(os.path.join(out, records.MANIFEST_NAME))]
+    for path in partial:
+        with open(path, "wb") as f:
+            f.write(b"partial")
     second = import_images.run(config)
     assert second == first
     assert os.stat(kept).st_mtime == 1 and os.path.exists(redone)
+    assert not [p for p in partial if os.path.exists(p)]
 
 
 def test_bad_configs_are_rejected(tmp_path):
@@ -186,3 +195,166 @@ def test_command_line(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = records.read_manifest(out)
     assert manifest["num_captions"] == 10 and manifest["num_shards"] == 2
+
+
+def _all_records(out, manifest):
+    return sorted((r for name in manifest["shards"]
+                   for r in records.read_records(os.path.join(out, name))),
+                  key=lambda r: r.caption_id)
+
+
+def test_rerun_with_other_inputs_or_layout_stops_naming_each_change(tmp_path):
+    """Stale shards of another CSV (or another shard size) would make training see captions
+    twice: a rerun into the same output_dir with other settings stops before writing."""
+    csv_path, roots = _reference_layout(str(tmp_path / "src"))
+    out = str(tmp_path / "out")
+    import_images.run(_config(out, csv=csv_path, roots=",".join(roots)))
+    before = sorted(os.listdir(out))
+    settings = records.read_manifest(out)["settings"]
+    assert settings == fileio.read_json(os.path.join(out, import_images.SETTINGS_NAME))
+    assert settings["captions_per_shard"] == 4 and settings["num_captions"] == 10
+
+    other_csv = str(tmp_path / "src" / "other.csv")
+    with open(csv_path) as f, open(other_csv, "w") as g:
+        text = f.read()
+        g.write(text.replace('thing ""3""', 'thing ""three""', 1))
+    assert _read_bytes(other_csv) != text.encode()
+    with pytest.raises(ValueError, match=r"other settings \(captions_sha256: '[0-9a-f]+' -> "
+                                         r"'[0-9a-f]+'\)"):
+        import_images.run(_config(out, csv=other_csv, roots=",".join(roots)))
+    with pytest.raises(ValueError, match=r"captions_per_shard: 4 -> 5"):
+        import_images.run(_config(out, csv=csv_path, roots=",".join(roots), captions_per_shard=5))
+    with pytest.raises(ValueError, match=r"image_format: 'keep' -> 'png'.*save_size: 0 -> 8"):
+        import_images.run(_config(out, csv=csv_path, roots=",".join(roots), image_format="png",
+                                  save_size=8))
+    with pytest.raises(ValueError, match=r"roots: .*seeds: \[0, 1, 2\] -> \[0, 1\]"):
+        import_images.run(_config(out, csv=csv_path, roots=",".join(roots[:2])))
+    assert sorted(os.listdir(out)) == before
+    # The same settings from a copy of the CSV at another path: a resume, accepted.
+    copy = str(tmp_path / "copy.csv")
+    with open(csv_path) as f, open(copy, "w") as g:
+        g.write(f.read())
+    assert import_images.run(_config(out, csv=copy, roots=",".join(roots)))["num_captions"] == 10
+
+
+def test_shards_of_a_version_without_settings_are_not_completed(tmp_path):
+    csv_path, roots = _reference_layout(str(tmp_path / "src"))
+    out = str(tmp_path / "out")
+    config = _config(out, csv=csv_path, roots=",".join(roots))
+    import_images.run(config)
+    os.remove(os.path.join(out, import_images.SETTINGS_NAME))
+    with pytest.raises(ValueError, match=r"holds shards \(3\) but no settings.json"):
+        import_images.run(config)
+
+
+def test_missing_report_and_counts_cover_the_whole_output(tmp_path):
+    """A rerun that writes only some shards still reports every skipped image (and drops a
+    report whose images came back), and the manifest counts every shard."""
+    csv_path, roots = _reference_layout(str(tmp_path / "src"))
+    gone = os.path.join(roots[2], "part0", "0003.png")
+    saved = _read_bytes(gone)
+    os.remove(gone)
+    out = str(tmp_path / "out")
+    config = _config(out, csv=csv_path, roots=",".join(roots), on_missing="skip_caption")
+    first = import_images.run(config)
+    assert first["num_captions"] == 9 and first["skipped_images"] == 1 and first["complete"]
+    with_gap = next(n for n in first["shards"] if first["shards"][n]["skipped_images"])
+    other = next(n for n in first["shards"] if n != with_gap)
+    os.remove(os.path.join(out, other))                       # a rerun redoes only this one
+    second = import_images.run(config)
+    assert second == first
+    assert gone in _read_bytes(os.path.join(out, import_images.MISSING_REPORT)).decode()
+
+    with open(gone, "wb") as f:                                # the image is back
+        f.write(saved)
+    os.remove(os.path.join(out, with_gap))
+    third = import_images.run(config)
+    assert third["num_captions"] == 10 and third["skipped_images"] == 0
+    assert not os.path.exists(os.path.join(out, import_images.MISSING_REPORT))
+    assert [r.caption_id for r in _all_records(out, third)] == list(range(10))
+
+
+def test_processes_write_disjoint_shards_and_process_0_the_outputs(tmp_path):
+    """A pod runs the job on every host: each writes its own shards; only process 0 writes the
+    manifest and missing.txt, and they cover the other hosts' shards too."""
+    csv_path, roots = _reference_layout(str(tmp_path / "src"))
+    gone = os.path.join(roots[0], "part1", "0008.jpg")
+    os.remove(gone)
+    out = str(tmp_path / "out")
+    fields = dict(csv=csv_path, roots=",".join(roots), on_missing="skip_caption",
+                  captions_per_shard=2, process_count=2)
+    assert import_images.run(_config(out, process_index=1, **fields)) is None
+    host1 = sorted(n for n in os.listdir(out) if n.endswith(".tfrecord"))
+    assert host1 == [f"train-{i:05d}-of-00005.tfrecord" for i in (1, 3)]
+    assert not {records.MANIFEST_NAME, import_images.MISSING_REPORT} & set(os.listdir(out))
+
+    manifest = import_images.run(_config(out, process_index=0, **fields))
+    assert manifest["num_shards"] == 5 and manifest["complete"]
+    assert manifest["num_captions"] == 9 and manifest["skipped_images"] == 1
+    assert [r.caption_id for r in _all_records(out, manifest)] == [i for i in range(10) if i != 8]
+    assert gone in _read_bytes(os.path.join(out, import_images.MISSING_REPORT)).decode()
+    with pytest.raises(ValueError, match="process_index=2, process_count=2"):
+        import_images.run(_config(out, process_index=2, **fields))
+
+
+def test_csv_paths_outside_the_roots_are_refused_naming_the_row(tmp_path):
+    csv_path, roots = _reference_layout(str(tmp_path / "src"))
+    secret = tmp_path / "secret" / "x.png"
+    secret.parent.mkdir()
+    secret.write_bytes(_image(0, 0, "PNG"))
+    for bad, why in (("../../secret/x.png", "outside the root"),
+                     ("part0/../../../secret/x.png", "outside the root"),
+                     (str(secret), "absolute")):
+        with open(csv_path, "a", newline="") as f:
+            csv.writer(f).writerow((bad, "a secret"))
+        out = str(tmp_path / "out")
+        with pytest.raises(ValueError, match=rf"train.csv:12: '{re.escape(bad)}'.*{why}"):
+            import_images.run(_config(out, csv=csv_path, roots=",".join(roots)))
+        assert not os.path.exists(out)
+        with open(csv_path) as f:                              # drop the row again
+            rows = f.readlines()[:-1]
+        with open(csv_path, "w") as f:
+            f.writelines(rows)
+    ok = layouts.read_reference_layout(csv_path, roots)
+    assert len(ok) == 10
+
+
+def test_outputs_go_to_a_ram_url(tmp_path, ram_dir):
+    """ram:// goes through tf.io.gfile like gs://: shards, settings, manifest and missing.txt."""
+    import tensorflow as tf
+    csv_path, roots = _reference_layout(str(tmp_path / "src"))
+    os.remove(os.path.join(roots[1], "part0", "0001.png"))
+    config = _config(ram_dir, csv=csv_path, roots=",".join(roots), on_missing="skip_caption")
+    manifest = import_images.run(config)
+    assert manifest["num_captions"] == 9 and manifest["complete"]
+    assert [r.caption_id for r in _all_records(ram_dir, manifest)] == [0] + list(range(2, 10))
+    names = set(tf.io.gfile.listdir(ram_dir))
+    assert {import_images.SETTINGS_NAME, records.MANIFEST_NAME,
+            import_images.MISSING_REPORT} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    assert import_images.run(config) == manifest                 # a rerun keeps every shard
+    assert not os.path.exists("ram:") and not os.path.exists(os.path.join(REPO, "ram:"))
+
+
+@pytest.mark.slow
+def test_two_hosts_split_shards_and_host_0_waits_for_both(tmp_path):
+    """Two hosts of a (simulated SLURM) cluster run the command line: the job joins
+    jax.distributed, writes disjoint shards, and process 0 writes the manifest and missing.txt
+    only after the late process's shards are written."""
+    from processes import run_processes
+    csv_path, roots = _reference_layout(str(tmp_path / "src"))
+    gone = os.path.join(roots[1], "part0", "0001.png")
+    os.remove(gone)
+    out = str(tmp_path / "out")
+    outputs = run_processes(
+        os.path.join(REPO, "tests", "multiprocess_writers.py"), 2, "import_images",
+        "import_images.py", f"--config.csv={csv_path}", f"--config.roots={','.join(roots)}",
+        f"--config.output_dir={out}", "--config.captions_per_shard=2",
+        "--config.on_missing=skip_caption", "--config.num_workers=2")
+    for i, output in enumerate(outputs):
+        assert "exit code 0" in output and f"process {i} of 2" in output, output[-3000:]
+    manifest = records.read_manifest(out)
+    assert manifest["complete"] and manifest["num_shards"] == 5
+    assert manifest["num_captions"] == 9 and manifest["skipped_images"] == 1
+    assert [r.caption_id for r in _all_records(out, manifest)] == [0] + list(range(2, 10))
+    assert gone in _read_bytes(os.path.join(out, import_images.MISSING_REPORT)).decode()

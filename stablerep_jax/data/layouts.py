@@ -5,7 +5,8 @@ Two layouts, both read into `CaptionGroup`s (a caption, its id and the paths of 
   reference  the StableRep reference's data: a CSV of `relative_path,caption` rows and a list
              of root folders, one per generation seed, each holding the same relative paths
              (`dataset/data.py` keeps the rows whose path ends in .png/.jpg/.jpeg, so a header
-             row is skipped; caption_id is the index among the kept rows).
+             row is skipped; caption_id is the index among the kept rows). A path that is
+             absolute or climbs out of the roots with `..` is refused, naming its row.
   folder     a folder of caption groups: one sub-folder per caption holding `caption.txt` and
              its images (sorted by file name); caption_id follows the sorted sub-folder names.
 """
@@ -15,6 +16,7 @@ import csv
 import dataclasses
 import io
 import os
+import posixpath
 
 import tensorflow as tf
 
@@ -28,6 +30,18 @@ class CaptionGroup:
     caption: str
     caption_id: int
     paths: tuple[str, ...]
+
+
+def inside_root(rel_path: str, where: str) -> str:
+    """`rel_path` normalised, or ValueError naming `where` when it is absolute or climbs out of
+    its root with `..` (a CSV must not make the job read files outside the roots). Symbolic
+    links inside a root are followed: data sets are often spread over disks that way."""
+    if rel_path.startswith(("/", "\\")) or "://" in rel_path or os.path.isabs(rel_path):
+        raise ValueError(f"{where}: {rel_path!r} is absolute; paths must be relative to the roots")
+    as_posix = posixpath.normpath(rel_path.replace("\\", "/"))    # Windows-style '..\\' too
+    if as_posix == ".." or as_posix.startswith("../"):
+        raise ValueError(f"{where}: {rel_path!r} leads outside the root folders ('..')")
+    return posixpath.normpath(rel_path)
 
 
 def read_reference_layout(csv_path: str, roots: list[str]) -> list[CaptionGroup]:
@@ -47,8 +61,7 @@ def read_reference_layout(csv_path: str, roots: list[str]) -> list[CaptionGroup]
         rel_path, caption = row[0].strip(), row[1]
         if not rel_path.lower().endswith(IMAGE_EXTENSIONS):
             continue            # the reference skips such rows (e.g. a header)
-        if os.path.isabs(rel_path):
-            raise ValueError(f"{csv_path}:{line_no}: {rel_path!r} must be relative to the roots")
+        rel_path = inside_root(rel_path, f"{csv_path}:{line_no}")
         groups.append(CaptionGroup(caption=caption, caption_id=len(groups),
                                    paths=tuple(os.path.join(root, rel_path) for root in roots)))
     if not groups:
