@@ -79,7 +79,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.use_bn = False               # BatchNorm without affine before the linear layer
     c.eval_every = 10              # test every N epochs and after the last; best over (epoch, lr)
     c.extract_batch_size = 256     # global batch of the frozen encoder (features, test set)
-    c.shuffle_buffer = 50_000      # augmented mode: tf.data shuffle buffer per host
+    c.shuffle_buffer = 50_000      # augmented mode on TFDS data: shuffle buffer per host (image
+                                   # folders are read in a global permutation per epoch)
     c.seed = 0
 
     c.knn = ml_collections.ConfigDict()

@@ -146,6 +146,26 @@ def test_tfds_dataset(encoder_dir, tmp_path):
     assert all(v * 13 == pytest.approx(round(v * 13)) for v in results["top1"].values())
 
 
+def test_folder_training_epochs_are_global_permutations_for_any_host_count(tinted):
+    """An epoch of the augmented mode reads the folder (sorted by class) in a permutation of the
+    whole split, as the reference's sampler: batches mix the classes even with a shuffle buffer
+    of 1, and two hosts' halves of each global batch are exactly the one-host batch."""
+    data = eval_data.load_eval_dataset(f"folder:{tinted}")
+
+    def indices(process_index, process_count, epoch=0):
+        return [(b["index"], b["label"]) for b in eval_data.train_batches(
+            data.train, 16, 48, 5, epoch, 1, process_index, process_count)]
+
+    one, halves = indices(0, 1), [indices(p, 2) for p in (0, 1)]
+    assert len(one) == 3 and all(len(idx) == 48 for idx, _ in one)
+    for step, (idx, labels) in enumerate(one):
+        np.testing.assert_array_equal(idx, np.concatenate([h[step][0] for h in halves]))
+        assert len(set(labels.tolist())) >= 4          # 6 classes; file order would give 2
+    seen = np.concatenate([idx for idx, _ in one])
+    assert len(set(seen.tolist())) == 144
+    assert not np.array_equal(seen, np.concatenate([idx for idx, _ in indices(0, 1, epoch=1)]))
+
+
 def test_eval_batches_pad_with_masked_blanks(tinted):
     data = eval_data.load_eval_dataset(f"folder:{tinted}")
     seen = []
@@ -412,19 +432,23 @@ def _printed_results(output: str) -> dict:
 @pytest.mark.slow
 def test_two_processes_write_once_and_match_one(encoder_dir, tinted, tmp_path):
     """Two jax.distributed processes (4 devices each): only process 0 writes (results.json,
-    best_head.npz, metrics, knn_results.json), both report the same results, and in the cached
-    mode (the same global batches) they equal a single 8-device process."""
+    best_head.npz, metrics, knn_results.json), both report the same results, and in both modes
+    (the same global batches and crops) they equal a single 8-device process."""
     from processes import run_processes
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_probe.py")
     two = run_processes(script, 2, encoder_dir, tinted, tmp_path / "two",
                         "cached_features,augmented")
-    one = run_processes(script, 1, encoder_dir, tinted, tmp_path / "one", "cached_features")
+    one = run_processes(script, 1, encoder_dir, tinted, tmp_path / "one",
+                        "cached_features,augmented")
     for mode in ("cached_features", "augmented"):
         p0, p1 = tmp_path / "two" / mode / "p0", tmp_path / "two" / mode / "p1"
         assert {"results.json", linear_probe.BEST_HEAD, "metrics.jsonl",
                 "knn_results.json"} <= set(os.listdir(p0))
         assert not p1.exists() or not os.listdir(p1), os.listdir(p1)
         assert _printed_results(two[0])[mode] == _printed_results(two[1])[mode]
-    r2, r1 = _printed_results(two[0])["cached_features"], _printed_results(one[0])["cached_features"]
-    assert (r2["devices"], r1["devices"]) == (8, 8)
-    assert r2["grid"]["top1"] == r1["grid"]["top1"] and r2["knn_top1"] == r1["knn_top1"]
+    for mode in ("cached_features", "augmented"):
+        r2, r1 = _printed_results(two[0])[mode], _printed_results(one[0])[mode]
+        assert (r2["devices"], r1["devices"]) == (8, 8)
+        assert r2["grid"]["top1"] == r1["grid"]["top1"] and r2["knn_top1"] == r1["knn_top1"]
+        np.testing.assert_allclose([p["final_train_loss"] for p in r2["per_lr"]],
+                                   [p["final_train_loss"] for p in r1["per_lr"]], rtol=1e-4)

@@ -71,6 +71,14 @@ class FolderSplit:
             "label": np.asarray(self.labels[start:stop], np.int32),
             "index": np.arange(start, stop, dtype=np.int64)})
 
+    def ordered_dataset(self, indices: np.ndarray) -> tf.data.Dataset:
+        """Undecoded examples (as `host_dataset`) of the given split positions, in that order."""
+        indices = np.asarray(indices, np.int64)
+        return tf.data.Dataset.from_tensor_slices({
+            "image": tf.constant([self.files[i] for i in indices], tf.string, [len(indices)]),
+            "label": np.asarray([self.labels[i] for i in indices], np.int32),
+            "index": indices})
+
     def decode(self, raw) -> tf.Tensor:
         return tf.io.decode_image(tf.io.read_file(raw), channels=3, expand_animations=False)
 
@@ -321,29 +329,47 @@ def train_steps_per_epoch(split, global_batch: int) -> int:
     return split.num_examples // global_batch
 
 
+def epoch_order(num_examples: int, global_batch: int, seed: int, epoch: int,
+                process_index: int = 0, process_count: int = 1) -> np.ndarray:
+    """This host's split positions for one training epoch, in order. The epoch is a permutation
+    of the whole split drawn from (seed, epoch), as the reference's sampler; global batch s is
+    its s-th block of `global_batch` (the remainder dropped), of which host p reads the p-th of
+    `process_count` equal parts, so the global batches do not depend on the number of hosts."""
+    steps = num_examples // global_batch
+    perm = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x0DE7])).permutation(
+        num_examples)[:steps * global_batch]
+    host_batch = global_batch // process_count
+    return perm.reshape(steps, process_count, host_batch)[:, process_index].reshape(-1)
+
+
 def train_batches(split, image_size: int, global_batch: int, seed: int, epoch: int,
                   shuffle_buffer: int, process_index: int = 0,
                   process_count: int = 1) -> Iterator[dict]:
     """One epoch of `train_view` batches (the reference's probe training views).
 
-    The order and every crop depend only on (seed, epoch, example index), never on devices; all
-    hosts yield `num_examples // global_batch` batches (the remainder is dropped).
+    Every crop depends only on (seed, epoch, example index). An image folder is read in a global
+    permutation (`epoch_order`: the batches are the same for any number of hosts); a TFDS split,
+    which has no cheap random access, streams this host's slice through a shuffle buffer of
+    `shuffle_buffer` examples. All hosts yield `num_examples // global_batch` batches.
     """
     host_batch = global_batch // process_count
     steps = train_steps_per_epoch(split, global_batch)
-    count = split.host_count(process_index, process_count)
 
     def prepare(ex):
         key = augment.make_key(seed, epoch, ex["index"])
         return {"image": train_view(split.decode(ex["image"]), image_size, key),
                 "label": ex["label"], "index": ex["index"], "mask": tf.constant(True)}
 
-    shuffle_seed = int(np.random.SeedSequence([seed, epoch, 0x5EB]).generate_state(1)[0])
-    ds = (split.host_dataset(process_index, process_count)
-          .shuffle(max(1, min(shuffle_buffer, count)), seed=shuffle_seed,
-                   reshuffle_each_iteration=False)
-          .take(steps * host_batch)
-          .map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    if isinstance(split, FolderSplit):
+        ds = split.ordered_dataset(epoch_order(split.num_examples, global_batch, seed, epoch,
+                                               process_index, process_count))
+    else:
+        count = split.host_count(process_index, process_count)
+        shuffle_seed = int(np.random.SeedSequence([seed, epoch, 0x5EB]).generate_state(1)[0])
+        ds = (split.host_dataset(process_index, process_count)
+              .shuffle(max(1, min(shuffle_buffer, count)), seed=shuffle_seed,
+                       reshuffle_each_iteration=False)
+              .take(steps * host_batch))
+    ds = (ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
           .batch(host_batch, drop_remainder=True))
     return ds.prefetch(2).as_numpy_iterator()
-
