@@ -76,6 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.mlp_dim = 4096         # projection head hidden width
     c.model.emb_dim = 256          # projection head output width
     c.model.dtype = "bfloat16"     # compute dtype; params stay float32
+    c.model.remat = False          # recompute each transformer block in the backward pass:
+                                   # less memory for ~1/3 more FLOPs (benchmarks/memory.py)
     c.model.add_language = False   # StableRep++
     c.model.text_width = 512
     c.model.text_depth = 12

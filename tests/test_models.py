@@ -367,3 +367,57 @@ def test_head_and_text_mlp_biases_use_torch_default_init():
     # nn.MultiheadAttention zeroes its in_proj and out_proj biases.
     assert not np.any(np.asarray(block["attn"]["in_proj"]["bias"]))
     assert not np.any(np.asarray(block["attn"]["out_proj"]["bias"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Rematerialisation (model.remat): same numbers, fewer activations kept for the backward pass.
+
+
+def _tiny_loss_and_vjp(remat, add_language=False):
+    from stablerep_jax import losses
+    rng = np.random.default_rng(5)
+    images = jnp.asarray(rng.normal(size=(4, 2, 32, 32, 3)), jnp.float32)
+    labels = jnp.tile(jnp.arange(4), 2)
+    config = tiny_model_config(depth=3, remat=remat, add_language=add_language, text_width=32,
+                               text_depth=2, text_heads=2, context_length=8, vocab_size=64,
+                               embed_dim=16)
+    config["patch_size"] = 8
+    model = build_model(config, 32)
+    tokens = jnp.asarray(rng.integers(1, 64, size=(4, 8)), jnp.int32) if add_language else None
+    variables = model.init(jax.random.PRNGKey(0), images, tokens, train=False)
+
+    def loss(params):
+        out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images,
+                             tokens, train=True, mutable=["batch_stats"])
+        value = losses.multi_positive_contrastive_loss(out["feats"], labels, 0.1)
+        if add_language:
+            value = value + jnp.mean(out["image_emb"] ** 2) + jnp.mean(out["text_emb"] ** 2)
+        return value
+
+    value, vjp = jax.vjp(loss, variables["params"])
+    return variables["params"], value, vjp(jnp.ones_like(value))[0], vjp
+
+
+@pytest.mark.parametrize("add_language", [False, True])
+def test_remat_gives_the_same_loss_and_gradients_and_keeps_fewer_residuals(add_language):
+    params, loss, grads, vjp = _tiny_loss_and_vjp(False, add_language)
+    params_r, loss_r, grads_r, vjp_r = _tiny_loss_and_vjp(True, add_language)
+    # Same parameter tree (checkpoints and the timm key map are unaffected) and same numbers.
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(params_r)
+    assert abs(float(loss) - float(loss_r)) < 1e-5
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        g_r = dict(jax.tree_util.tree_flatten_with_path(grads_r)[0])[path]
+        np.testing.assert_allclose(g_r, g, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+    # What the backward pass keeps from the forward (the vjp's residuals, params aside): with
+    # remat only each block's input, without it every intermediate of every block.
+    param_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    kept = sum(x.nbytes for x in jax.tree_util.tree_leaves(vjp)) - param_bytes
+    kept_r = sum(x.nbytes for x in jax.tree_util.tree_leaves(vjp_r)) - param_bytes
+    assert kept_r < 0.25 * kept, (kept_r, kept)
+
+
+def test_remat_is_off_by_default(repo_root):
+    from stablerep_jax import config_utils
+    assert build_model(tiny_model_config(), 32).remat is False
+    config = config_utils.load_config(str(repo_root / "configs" / "stablerep.py"))
+    assert config.model.remat is False

@@ -52,15 +52,17 @@ class StableRepModel(nn.Module):
     embed_dim: int = 512
     logit_scale_init: float = 1.0 / 0.07
     dtype: Any = jnp.float32
+    remat: bool = False      # rematerialise every transformer block (image and text towers)
 
     def setup(self):
         self.visual = VisionTransformer(self.width, self.depth, self.num_heads, self.patch_size,
-                                        self.image_size, dtype=self.dtype)
+                                        self.image_size, dtype=self.dtype, remat=self.remat)
         self.image_mlp = ProjectionHead(self.mlp_dim, self.emb_dim, self.dtype)
         if not self.add_language:
             return
         self.text = TextTransformer(self.vocab_size, self.context_length, self.text_width,
-                                    self.text_depth, self.text_heads, self.dtype)
+                                    self.text_depth, self.text_heads, self.dtype,
+                                    remat=self.remat)
         if self.vl_projection == "linear":
             self.image_projection = self.param(
                 "image_projection", nn.initializers.normal(self.width ** -0.5),
@@ -127,8 +129,8 @@ def _get(config: Mapping, key: str, default=None):
 def build_model(model_config: Mapping, image_size: int) -> StableRepModel:
     """Builds the model from the train config's `model` ConfigDict (or its dict form).
 
-    Resolves `variant` to (width, depth, heads), applies `depth` > 0 as an override, and maps
-    the `dtype` string to a compute dtype (params stay float32).
+    Resolves `variant` to (width, depth, heads), applies `depth` > 0 as an override, maps
+    the `dtype` string to a compute dtype (params stay float32) and reads `remat` (default off).
     """
     variant = _get(model_config, "variant")
     if variant not in VIT_VARIANTS:
@@ -150,4 +152,4 @@ def build_model(model_config: Mapping, image_size: int) -> StableRepModel:
         text_heads=int(language["text_heads"]), context_length=int(language["context_length"]),
         vocab_size=int(language["vocab_size"]), vl_projection=str(language["vl_projection"]),
         embed_dim=int(language["embed_dim"]), logit_scale_init=float(language["logit_scale_init"]),
-        dtype=DTYPES[dtype_name])
+        dtype=DTYPES[dtype_name], remat=bool(_get(model_config, "remat", False)))

@@ -100,6 +100,7 @@ class TextTransformer(nn.Module):
     depth: int = 12
     num_heads: int = 8
     dtype: Dtype = jnp.float32
+    remat: bool = False   # recompute each block's activations in the backward pass
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -112,9 +113,9 @@ class TextTransformer(nn.Module):
         pos = self.param("positional_embedding", nn.initializers.normal(0.01),
                          (self.context_length, self.width))
         x = x + pos[:length].astype(self.dtype)
+        block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
         for i in range(self.depth):
-            x = ResidualAttentionBlock(self.num_heads, self.depth, self.dtype,
-                                       name=f"resblocks_{i}")(x)
+            x = block(self.num_heads, self.depth, self.dtype, name=f"resblocks_{i}")(x)
         x = _layer_norm("ln_final", self.dtype)(x)
         return x[jnp.arange(x.shape[0]), jnp.argmax(tokens, axis=-1)]
 

@@ -144,6 +144,7 @@ class VisionTransformer(nn.Module):
     image_size: int = 224
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
+    remat: bool = False   # recompute each block's activations in the backward pass (less memory)
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -167,8 +168,9 @@ class VisionTransformer(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, self.width)).astype(self.dtype), x],
                             axis=1)
         x = x + pos.astype(self.dtype)
+        block = nn.remat(Block) if self.remat else Block   # same parameter tree either way
         for i in range(self.depth):
-            x = Block(self.num_heads, self.mlp_ratio, self.dtype, name=f"blocks_{i}")(x)
+            x = block(self.num_heads, self.mlp_ratio, self.dtype, name=f"blocks_{i}")(x)
         x = _layer_norm("norm", self.dtype)(x)
         return x[:, 0]
 
