@@ -32,6 +32,7 @@ import json
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 from PIL import Image, UnidentifiedImageError
@@ -199,12 +200,26 @@ def _process(config) -> tuple[int, int]:
     return index, count
 
 
-def _barrier(config, process_count: int, name: str) -> None:
-    """Waits for every process of a jax.distributed job; processes given explicit
-    `process_index`/`process_count` run uncoordinated (e.g. one after another)."""
-    if process_count > 1 and config.process_count is None:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f"stablerep_jax.import_images: {name}")
+def _together(coordinated: bool, step: str, fn):
+    """Runs `fn` on every process and then waits for all of them; when one fails, every
+    process stops (the failed one with its own error), so none waits for a dead peer at a
+    barrier. Processes that run uncoordinated (explicit process fields) just run `fn`."""
+    if not coordinated:
+        return fn()
+    from jax.experimental import multihost_utils
+    error, result = None, None
+    try:
+        result = fn()
+    except Exception as e:        # handed on below, after telling the other processes
+        error = e
+    flags = multihost_utils.process_allgather(np.array(error is not None, np.int32))
+    if error is not None:
+        raise error
+    failed = [i for i, flag in enumerate(np.asarray(flags).reshape(-1).tolist()) if flag]
+    if failed:
+        raise RuntimeError(f"import_images {step}: process(es) {failed} failed (their logs "
+                           "name the problem); this process stops too")
+    return result
 
 
 def _finished_shards(output_dir: str) -> set[str]:
@@ -274,7 +289,8 @@ def _import_shards(config, todo, seeds: Sequence[int]) -> int:
             built = list(pool.map(lambda g: _build_record(g, seeds, config), chunk))
             problems = [p for _, probs in built for p in probs]
             if problems and config.on_missing == "error":
-                error = FileNotFoundError if all(p.endswith(": missing") for p in problems) else ValueError
+                missing_only = all(p.endswith(": missing") for p in problems)
+                error = FileNotFoundError if missing_only else ValueError
                 raise error(_report(problems) + f"\n(needed by shard {name}; {written} shards "
                             "were written before it and are complete)")
             _write_shard(config.output_dir, name, [r for r, _ in built if r is not None],
@@ -297,7 +313,7 @@ def write_outputs(config, plan, settings: dict, k_max: int) -> dict:
         logging.warning("left out captions with missing/unreadable images; %s", _report(skipped))
         fileio.write_text_atomic(report_path, "\n".join(skipped) + "\n")
     else:
-        fileio.remove_if_present(report_path)       # left by an earlier run whose shards were redone
+        fileio.remove_if_present(report_path)     # an earlier run's, whose shards were redone
     mins = [info["min_images"] for info in infos.values() if info["min_images"] is not None]
     missing_shards = len(plan) - len(infos)
     if missing_shards:
@@ -325,19 +341,17 @@ def _check_output_dir(output_dir: str, settings_existed: bool, finished: set[str
                      "be completed; import into a new output_dir")
 
 
-def run(config) -> dict | None:
-    """Imports this process's shards of the images the config names. Process 0 also writes
-    settings.json (first) and manifest.json + missing.txt (last, over the whole output) and
-    returns the manifest; other processes return None."""
+def _prepare(config, process_index: int, process_count: int) -> dict:
+    """Everything checked before this process writes anything: inputs, settings against an
+    earlier run's, and (with check_first) this process's images."""
     check_config(config)
     groups = _groups(config)
     k_max = max(len(g.paths) for g in groups)
     seeds = _seeds(config, k_max)
-    process_index, process_count = _process(config)
     output_dir = config.output_dir
     settings = settings_of(config, groups, seeds)
-    settings_path = os.path.join(output_dir, SETTINGS_NAME)
-    settings_existed = records.check_same_settings(settings_path, settings)
+    settings_existed = records.check_same_settings(
+        os.path.join(output_dir, SETTINGS_NAME), settings)
     finished = _finished_shards(output_dir) if fileio.exists(output_dir) else set()
     _check_output_dir(output_dir, settings_existed, finished)
     plan = plan_shards(groups, config.captions_per_shard)
@@ -349,17 +363,31 @@ def run(config) -> dict | None:
                  len(mine) - len(todo), len(todo))
     if config.check_first and config.on_missing == "error":
         _check_present(config, todo)
-    fileio.makedirs(output_dir)
-    _remove_stale_temp_files(output_dir, todo, process_index)
+    return dict(k_max=k_max, seeds=seeds, settings=settings, settings_existed=settings_existed,
+                plan=plan, todo=todo)
+
+
+def run(config) -> dict | None:
+    """Imports this process's shards of the images the config names. Process 0 also writes
+    settings.json (first) and manifest.json + missing.txt (last, over the whole output) and
+    returns the manifest; other processes return None."""
+    process_index, process_count = _process(config)
     coordinated = process_count > 1 and config.process_count is None
-    if not settings_existed and (process_index == 0 or not coordinated):
-        fileio.write_json_atomic(settings_path, settings)   # same bytes from whoever writes it
-    _barrier(config, process_count, "settings written")       # shards never predate settings
-    _import_shards(config, todo, seeds)
-    _barrier(config, process_count, "shards written")
+    job = _together(coordinated, "checks", lambda: _prepare(config, process_index, process_count))
+    output_dir = config.output_dir
+
+    def start():
+        fileio.makedirs(output_dir)
+        _remove_stale_temp_files(output_dir, job["todo"], process_index)
+        if not job["settings_existed"] and (process_index == 0 or not coordinated):
+            fileio.write_json_atomic(os.path.join(output_dir, SETTINGS_NAME),
+                                     job["settings"])   # the same bytes from whoever writes it
+
+    _together(coordinated, "start", start)                 # shards never predate settings
+    _together(coordinated, "shards", lambda: _import_shards(config, job["todo"], job["seeds"]))
     if process_index != 0:
         return None
-    manifest = write_outputs(config, plan, settings, k_max)
+    manifest = write_outputs(config, job["plan"], job["settings"], job["k_max"])
     logging.info("%d captions, %d images in %d shards in %s", manifest["num_captions"],
                  manifest["num_images"], manifest["num_shards"], output_dir)
     return manifest

@@ -160,8 +160,8 @@ def test_rerun_keeps_finished_shards(tmp_path):
     os.remove(redone)
     os.remove(os.path.join(out, records.MANIFEST_NAME))
     # What kill -9 during the writes left behind: partial files under temporary names.
-    partial = [fileio.temp_name(redone), redone + fileio.TMP_SUFFIX,
-               fileio.temp_name(os.path.join(out, "shard_info", os.path.basename(redone) + ".json")),
+    info = os.path.join(out, import_images.SHARD_INFO_DIR, os.path.basename(redone) + ".json")
+    partial = [fileio.temp_name(redone), redone + fileio.TMP_SUFFIX, fileio.temp_name(info),
                fileio.temp_name(os.path.join(out, records.MANIFEST_NAME))]
     for path in partial:
         with open(path, "wb") as f:
@@ -358,3 +358,28 @@ def test_two_hosts_split_shards_and_host_0_waits_for_both(tmp_path):
     assert manifest["num_captions"] == 9 and manifest["skipped_images"] == 1
     assert [r.caption_id for r in _all_records(out, manifest)] == [0] + list(range(2, 10))
     assert gone in _read_bytes(os.path.join(out, import_images.MISSING_REPORT)).decode()
+
+
+@pytest.mark.slow
+def test_a_failing_host_stops_every_host(tmp_path):
+    """An image missing from host 1's share: host 1 names it, host 0 stops too instead of
+    waiting for host 1 at a barrier, and nothing is written."""
+    import time
+
+    from processes import run_processes
+    csv_path, roots = _reference_layout(str(tmp_path / "src"))
+    plan = import_images.plan_shards(layouts.read_reference_layout(csv_path, roots), 2)
+    gone = plan[1][1][0].paths[2]                              # shard 1 belongs to host 1
+    os.remove(gone)
+    out = str(tmp_path / "out")
+    start = time.monotonic()
+    outputs = run_processes(
+        os.path.join(REPO, "tests", "multiprocess_writers.py"), 2, "import_images",
+        "import_images.py", f"--config.csv={csv_path}", f"--config.roots={','.join(roots)}",
+        f"--config.output_dir={out}", "--config.captions_per_shard=2", "--config.num_workers=2",
+        timeout=300)
+    assert time.monotonic() - start < 240
+    assert "exit code 1" in outputs[1] and os.path.basename(gone) in outputs[1], outputs[1][-3000:]
+    assert "exit code 1" in outputs[0] and "process(es) [1] failed" in outputs[0], \
+        outputs[0][-3000:]
+    assert not os.path.exists(out)
