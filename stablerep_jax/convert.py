@@ -300,18 +300,30 @@ def _exists_on_process_0(path) -> bool:
     return bool(exists)
 
 
-def run(config) -> str:
-    """Converts `config.pth` and writes OUTPUT_DIR/checkpoints/0; returns the step directory.
+def _on_every_process(fn):
+    """Runs `fn` and, in a multi-process job, tells every process whether any failed: all of
+    them go on to the save (which needs every process) or all stop (the failed one with its
+    own error), so none is left waiting inside a save for a dead peer."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+    error, result = None, None
+    try:
+        result = fn()
+    except Exception as e:        # handed on below, after telling the other processes
+        error = e
+    flags = multihost_utils.process_allgather(np.array(error is not None, np.int32))
+    if error is not None:
+        raise error
+    failed = [i for i, flag in enumerate(np.asarray(flags).reshape(-1).tolist()) if flag]
+    if failed:
+        raise RuntimeError(f"convert: process(es) {failed} failed (their logs name the "
+                           "problem); this process stops too")
+    return result
 
-    In a multi-process job every process converts and calls the save; orbax writes the files
-    once, from process 0 (the .pth must be readable by every process: a URL or a copy each).
-    """
-    if not config.pth:
-        raise ValueError("set --config.pth to the .pth file to import")
-    check_output_dir(config.output_dir)
-    existing = checkpoint.checkpoints_dir(config.output_dir) / "0"
-    if _exists_on_process_0(existing):
-        raise FileExistsError(f"{existing} already exists; choose another --config.output_dir")
+
+def convert_pth(config) -> tuple[dict, dict]:
+    """Reads and maps `config.pth`: (Flax variables, model config), with every check."""
     state_dict = strip_module_prefix(load_torch_state_dict(config.pth))
     description = describe_state_dict(state_dict, config.text_heads, config.import_text)
     model_config = model_config_for(description, config.variant, config.image_size,
@@ -324,7 +336,22 @@ def run(config) -> str:
         logging.warning("%s has no projection head (image_mlp.*): the head is randomly "
                         "initialised (seed %d); fine for linear probes, not a trained head",
                         config.pth, config.seed)
-    variables = state_dict_to_variables(state_dict, model_config, description, config.seed)
+    return state_dict_to_variables(state_dict, model_config, description, config.seed), model_config
+
+
+def run(config) -> str:
+    """Converts `config.pth` and writes OUTPUT_DIR/checkpoints/0; returns the step directory.
+
+    In a multi-process job every process converts and calls the save; orbax writes the files
+    once, from process 0 (the .pth must be readable by every process: a URL or a copy each).
+    """
+    if not config.pth:
+        raise ValueError("set --config.pth to the .pth file to import")
+    check_output_dir(config.output_dir)
+    existing = checkpoint.checkpoints_dir(config.output_dir) / "0"
+    if _exists_on_process_0(existing):
+        raise FileExistsError(f"{existing} already exists; choose another --config.output_dir")
+    variables, model_config = _on_every_process(lambda: convert_pth(config))
     step_dir = checkpoint.save_model(config.output_dir, 0, variables["params"],
                                      variables["batch_stats"], model_config)
     return str(step_dir)

@@ -1,7 +1,8 @@
 """One host of a two-host `import_images` or `convert` job, run through the real command line,
 for tests/test_import_images.py and tests/test_convert.py.
 
-  python tests/multiprocess_writers.py PROCESS_ID NUM_PROCESSES PORT JOB CONFIG [--config.k=v ...]
+  python tests/multiprocess_writers.py PROCESS_ID NUM_PROCESSES PORT JOB CONFIG \
+      [--config.k=v ...] [@I:--config.k=v ...]
 
 The job finds its peers as on a SLURM cluster: the SLURM variables of this process and
 JAX_COORDINATOR_PORT (a loopback coordinator) are set, so the job's own main must join
@@ -16,7 +17,10 @@ import sys
 import time
 
 process_id, num_processes, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-job, config, overrides = sys.argv[4], sys.argv[5], sys.argv[6:]
+job, config = sys.argv[4], sys.argv[5]
+# "@I:--config.k=v" applies to process I only (a host that lacks a file, for instance).
+overrides = [arg.split(":", 1)[1] if arg.startswith("@") else arg for arg in sys.argv[6:]
+             if not arg.startswith("@") or arg[1:].split(":", 1)[0] == str(process_id)]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",

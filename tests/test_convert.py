@@ -282,3 +282,21 @@ def test_two_hosts_write_one_checkpoint(tmp_path, visual_and_head):
     np.testing.assert_allclose(encode(params, batch_stats, model_config, x), ref, atol=1e-4)
     for output in run_processes(*args):
         assert "already exists" in output and "exit code 1" in output, output[-3000:]
+
+
+@pytest.mark.slow
+def test_a_host_that_cannot_read_the_weights_stops_every_host(tmp_path, visual_and_head):
+    """Host 1 lacks the .pth: it names the file, host 0 stops too instead of waiting inside
+    orbax's save for host 1, and nothing is written."""
+    from processes import run_processes
+    visual, head = visual_and_head
+    pth = save_pth(tmp_path / "r.pth", released_state_dict(visual, head))
+    outputs = run_processes(
+        os.path.join(REPO, "tests", "multiprocess_writers.py"), 2, "convert", "convert.py:tiny",
+        f"--config.pth={pth}", f"--config.output_dir={tmp_path / 'out'}",
+        f"--config.image_size={SIZE}", f"--config.mlp_dim={MLP}", f"--config.emb_dim={EMB}",
+        f"@1:--config.pth={tmp_path / 'elsewhere.pth'}", timeout=300)
+    assert "exit code 1" in outputs[1] and "elsewhere.pth" in outputs[1], outputs[1][-3000:]
+    assert "exit code 1" in outputs[0] and "process(es) [1] failed" in outputs[0], \
+        outputs[0][-3000:]
+    assert not (tmp_path / "out" / "checkpoints" / "0").exists()
