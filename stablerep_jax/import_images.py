@@ -306,7 +306,9 @@ def write_outputs(config, plan, settings: dict, k_max: int) -> dict:
     earlier runs', every host's): written once, by process 0, when the shards are done."""
     output_dir = config.output_dir
     finished = _finished_shards(output_dir)
-    infos = {name: _read_shard_info(output_dir, name) for name, _ in plan if name in finished}
+    names = [name for name, _ in plan if name in finished]
+    with concurrent.futures.ThreadPoolExecutor(config.num_workers) as pool:   # ~10k on gs://
+        infos = dict(zip(names, pool.map(lambda n: _read_shard_info(output_dir, n), names)))
     skipped = [p for info in infos.values() for p in info["skipped"]]
     report_path = os.path.join(output_dir, MISSING_REPORT)
     if skipped:
