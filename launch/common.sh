@@ -21,6 +21,11 @@ COORDINATOR_JOBS=(train)
 # Jobs that may run without --config (they embed a default).
 DEFAULT_CONFIG_JOBS=(demo)
 
+# The exit code of a job that stopped early on purpose (SIGTERM) after saving its state: run the
+# same command again to resume (stablerep_jax/cli.py EXIT_RESUME; EX_TEMPFAIL of sysexits.h).
+# shellcheck disable=SC2034  # read by the scripts
+EXIT_RESUME=75
+
 # The only GPU XLA flag we set by default: long-standing, and it overlaps collectives with compute.
 GPU_XLA_FLAG="--xla_gpu_enable_latency_hiding_scheduler=true"
 

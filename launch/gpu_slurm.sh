@@ -63,6 +63,7 @@ SBATCH_ARGS=()
 PORT=12345
 MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.90}
 LOG_DIR=logs
+RESUME_NOTICE=300   # seconds of warning before the time limit (train: save, exit, requeue)
 # --venv and --no-install set VENV and INSTALL, defined in common.sh.
 
 # parse_options handler: this script's own options.
@@ -100,6 +101,18 @@ parse_args() {
   for arg in "${SBATCH_ARGS[@]}"; do
     [[ $arg == -* && $arg != *$'\n'* ]] || die "--sbatch-arg '$arg' must be one sbatch option such as --exclusive"
   done
+  # Values that land on '#SBATCH' lines: a newline would start a new line (or command), a
+  # space would end the option early.
+  sbatch_word --partition "$PARTITION"
+  sbatch_word --account "$ACCOUNT"
+  [[ $(absolute "$LOG_DIR") != *[[:space:]]* ]] \
+    || die "--log-dir $(quote_one "$(absolute "$LOG_DIR")") holds whitespace, which the '#SBATCH --output' line cannot carry; choose a path without spaces"
+}
+
+# sbatch_word OPTION VALUE: VALUE may go on an #SBATCH line (empty: option not given).
+sbatch_word() {
+  [[ -z $2 || $2 =~ ^[A-Za-z0-9._,:+=@-]+$ ]] \
+    || die "$1 $(quote_one "$2") may only hold letters, digits and . _ , : + = @ - (it goes on an #SBATCH line)"
 }
 
 # absolute PATH: PATH made absolute against the checkout (compute nodes start elsewhere).
@@ -125,6 +138,12 @@ render_sbatch() {
   [[ -n $ACCOUNT ]] && echo "#SBATCH --account=$ACCOUNT"
   [[ -n $CPUS_PER_TASK ]] && echo "#SBATCH --cpus-per-task=$CPUS_PER_TASK"
   echo "#SBATCH --output=$log_dir/%x-%j.out"
+  if [[ $JOB == train ]]; then
+    # SIGTERM to the tasks $RESUME_NOTICE s before the time limit: train saves a checkpoint and
+    # exits with $EXIT_RESUME, and the job is requeued (below) to resume where it stopped.
+    echo "#SBATCH --signal=TERM@$RESUME_NOTICE"
+    echo "#SBATCH --requeue"
+  fi
   local arg
   for arg in "${SBATCH_ARGS[@]}"; do
     echo "#SBATCH $arg"
@@ -145,8 +164,15 @@ render_sbatch() {
     # shellcheck disable=SC2016  # expanded by each task's bash, not here
     srun+=(bash -c 'exec "$@" --coordinator_address="$COORDINATOR_ADDRESS" --num_processes="$SLURM_NTASKS" --process_id="$SLURM_PROCID"' stablerep-task)
   fi
+  echo "rc=0"
   quote_args "${srun[@]}" "${JOB_ARGV[@]}"
-  echo
+  echo ' || rc=$?'
+  echo "# Exit code $EXIT_RESUME: stopped early (SIGTERM: preemption or the time limit) with a checkpoint."
+  echo "if [ \"\$rc\" -eq $EXIT_RESUME ]; then"
+  echo "  echo \"stopped early to be resumed (exit $EXIT_RESUME): requeueing job \$SLURM_JOB_ID\" >&2"
+  echo "  scontrol requeue \"\$SLURM_JOB_ID\""
+  echo "fi"
+  echo "exit \"\$rc\""
 }
 
 main() {

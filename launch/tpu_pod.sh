@@ -47,9 +47,10 @@ Job:
   -- JOB_FLAGS...          everything after '--' goes to the job, e.g. --config.batch_size=512
 
 Preemption:
-  --retries N              after a failed attempt or a slice that is no longer READY,
-                           recreate it if needed (with --create) and rerun, up to N times
-                           (default 0)
+  --retries N              after a failed attempt, a job that stopped early to be resumed
+                           (exit 75: SIGTERM, checkpoint saved) or a slice that is no longer
+                           READY, recreate it if needed (with --create) and rerun, up to N
+                           times (default 0)
   --retry-wait SECONDS     pause before each retry (default 60)
 
 Other:
@@ -266,6 +267,9 @@ main() {
       fi
     fi
     ((rc == 0)) && break
+    if ((rc == EXIT_RESUME)); then
+      log "$JOB stopped early to be resumed (exit $EXIT_RESUME: SIGTERM, checkpoint saved)"
+    fi
     if ((attempt > RETRIES)); then
       log "$JOB failed on $NAME (exit $rc) after $attempt attempt(s); see $REMOTE_DIR/logs/$JOB-*.log on the workers"
       exit "$rc"

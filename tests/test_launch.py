@@ -152,6 +152,13 @@ def test_job_flag_before_separator_gets_a_hint(name):
     ("gpu_slurm.sh", [*TRAIN_ARGS, "--nodes"], "option --nodes needs a value"),
     ("gpu_slurm.sh", [*TRAIN_ARGS, "--nodes", "two"], "--nodes needs a non-negative integer"),
     ("tpu_pod.sh", [*POD, *TRAIN_ARGS, "--retries", "-1"], "--retries needs a non-negative integer"),
+    # Values that go on #SBATCH lines: a newline injects a line, a space cuts the option.
+    ("gpu_slurm.sh", [*TRAIN_ARGS, "--partition", "gpu\n#SBATCH --uid=0"],
+     "--partition $'gpu\\n#SBATCH --uid=0' may only hold"),
+    ("gpu_slurm.sh", [*TRAIN_ARGS, "--account", "lab\nrm -rf ~"], "--account $'lab\\nrm -rf ~' may only"),
+    ("gpu_slurm.sh", [*TRAIN_ARGS, "--partition", "gpu a100"], "--partition 'gpu a100' may only hold"),
+    ("gpu_slurm.sh", [*TRAIN_ARGS, "--log-dir", "/shared/my logs"],
+     "--log-dir '/shared/my logs' holds whitespace"),
 ])
 def test_bad_arguments_fail_clearly(name, args, message):
     result = launch(name, *args, "--dry-run")
@@ -297,6 +304,8 @@ elif sub == "ssh" and any("stablerep_jax." in a for a in args):
     if n <= int(os.environ.get("FAKE_PREEMPT_RUNS", "0")):
         state.write_text("PREEMPTED")
         sys.exit(int(os.environ.get("FAKE_PREEMPT_EXIT", "255")))
+    if n <= int(os.environ.get("FAKE_RESUME_RUNS", "0")):
+        sys.exit(75)                 # the job stopped early to be resumed; the slice is fine
 """
 
 
@@ -463,6 +472,7 @@ while [[ $1 == -* ]]; do shift; done
 for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i "$@" || exit $?; done
 """
 FAKE_SCONTROL = """#!/usr/bin/env bash
+if [[ $1 == requeue ]]; then echo "$*" >> "$FAKE_RECORD_DIR/scontrol.txt"; exit 0; fi
 [[ "$1 $2 $3" == "show hostnames gpu[007-008]" ]] || exit 1
 printf 'gpu007\\ngpu008\\n'
 """
@@ -495,3 +505,43 @@ def test_gpu_slurm_submits_a_script_that_starts_every_process(tmp_path):
                                   "--num_processes=2", f"--process_id={proc}"]
         assert record["env"]["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
         assert record["env"]["XLA_FLAGS"] == "--xla_gpu_enable_latency_hiding_scheduler=true"
+
+
+@pytest.mark.parametrize("job_exit, requeued", [(75, True), (1, False), (0, False)])
+def test_gpu_slurm_requeues_a_train_job_that_stopped_to_be_resumed(tmp_path, job_exit, requeued):
+    """Exit 75 (SIGTERM: preemption, or the --signal notice before the time limit) requeues
+    the job; its exit code is the batch script's either way."""
+    bin_dir = tmp_path / "fakebin"
+    write_exe(bin_dir / "srun", FAKE_SRUN)
+    write_exe(bin_dir / "scontrol", FAKE_SCONTROL)
+    venv = tmp_path / "venv"
+    write_exe(venv / "bin" / "python", FAKE_PYTHON)
+    result = ok(launch("gpu_slurm.sh", "--venv", venv, "--no-install", "--log-dir", tmp_path / "logs",
+                       *TRAIN_ARGS, "--dry-run", "--", *PASS))
+    script = _sbatch_script(result.stdout)
+    assert "#SBATCH --requeue" in script.splitlines()
+    assert "#SBATCH --signal=TERM@300" in script.splitlines()
+    (tmp_path / "job.sbatch").write_text(script)
+    records = tmp_path / "records"
+    records.mkdir()
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu[007-008]",
+           "SLURM_NTASKS": "1", "SLURM_JOB_ID": "42", "FAKE_RECORD_DIR": str(records),
+           "FAKE_JOB_EXIT": str(job_exit)}
+    run = subprocess.run(["bash", str(tmp_path / "job.sbatch")], capture_output=True, text=True,
+                         env={**os.environ, **env})
+    assert run.returncode == job_exit, run.stderr
+    scontrol = records / "scontrol.txt"
+    assert (scontrol.read_text() == "requeue 42\n") if requeued else not scontrol.exists()
+
+
+def test_tpu_pod_reruns_a_job_that_stopped_to_be_resumed(fake_gcloud):
+    """Exit 75 on a slice that stays READY (e.g. a maintenance SIGTERM): the same command again."""
+    env, state_dir, calls = fake_gcloud
+    (state_dir / "state").write_text("READY")
+    env = {**env, "FAKE_RESUME_RUNS": "1"}
+    result = ok(launch("tpu_pod.sh", *POD, "--retries", "1", "--retry-wait", "0",
+                       "--repo-url", "https://example.org/sr.git", "--no-install", *TRAIN_ARGS,
+                       env=env))
+    runs = [c for c in calls() if c[3] == "ssh" and "stablerep_jax." in command_flag(c)]
+    assert len(runs) == 2 and runs[0] == runs[1]
+    assert "train stopped early to be resumed (exit 75" in result.stderr
