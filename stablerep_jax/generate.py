@@ -10,23 +10,27 @@ writes its shards straight to the bucket; see `fileio.py`):
   settings.json                  what decides the images; a rerun with other settings stops
   manifest.json                  the finished shards with their counts (written by host 0)
   contact_sheet.png              the first captions and their images (host 0)
-  summary.json                   images, seconds, images/s (per host: summary.host-I-of-N.json)
+  summary.json                   images, seconds, images/s: totals over every run that wrote
+                                 shards here, and each run (per host: summary.host-I-of-N.json)
 
 Hosts: shard S belongs to host S mod process_count, so hosts never write the same file, and a
 host's share follows from (number of captions, captions_per_shard, process count) alone.
 Resume: a shard is written to a temporary name and renamed when complete (on GCS a copy and a
 delete, which still makes the final object in one step), so a rerun keeps every file with a
-final name and redoes the rest; images do not depend on the batch, device count or resume
-point (see `generation/sampler.py`), so a resumed output equals an uninterrupted one.
+final name and redoes the rest. A resume with the same devices and batch gives the same bytes
+as an uninterrupted run; other batch shapes change pixels by float rounding only (bounds in
+`generation/sampler.py`). summary.json keeps the earlier runs: it is rewritten after every shard
+a run finishes, so even a killed run's finished shards are counted.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
 import dataclasses
+import datetime
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # diffusers loads PyTorch's triton when PyTorch is installed; triton's bundled LLVM crashes when
 # it loads after TensorFlow's, so the sampler (diffusers) is imported before records (TF).
@@ -34,6 +38,7 @@ from stablerep_jax.generation import sampler as sampler_lib  # noqa: I001  isort
 
 import jax
 import numpy as np
+import tensorflow as tf
 from absl import logging
 from PIL import Image
 from tqdm import tqdm
@@ -75,6 +80,31 @@ def host_shards(shards: Sequence[Shard], process_index: int, process_count: int)
         raise ValueError(f"process_index={process_index}, process_count={process_count}: need "
                          "0 <= process_index < process_count")
     return [s for s in shards if s.index % process_count == process_index]
+
+
+def remove_stale_temp_files(output_dir: str, names: Sequence[str]) -> list[str]:
+    """Removes the temporary files that killed runs left behind for these final names.
+
+    Temporary names are unique per process (`fileio.temp_name`: NAME.<host>-<pid>-<random>.tmp;
+    older versions used NAME.tmp), so a rerun never overwrites a dead run's partial file: without
+    this, every kill during a shard write would leave a partial shard in the output for good.
+    Only this host's own files are passed in, which no other host writes. Returns the removed
+    names."""
+    if not fileio.exists(output_dir):
+        return []
+    wanted = set(names)
+    stale = []
+    for name in tf.io.gfile.listdir(output_dir):
+        if not name.endswith(records.TMP_SUFFIX):
+            continue
+        base = name[:-len(records.TMP_SUFFIX)]
+        if base in wanted or base.rsplit(".", 1)[0] in wanted:
+            fileio.remove_if_present(os.path.join(output_dir, name))
+            stale.append(name)
+    if stale:
+        logging.info("removed %d temporary files left by interrupted runs: %s", len(stale),
+                     ", ".join(sorted(stale)[:5]) + (" ..." if len(stale) > 5 else ""))
+    return stale
 
 
 def is_finished(output_dir: str, shard: Shard) -> bool:
@@ -147,12 +177,45 @@ def _summary_name(index: int, count: int) -> str:
     return "summary.json" if count == 1 else f"summary.host-{index:05d}-of-{count:05d}.json"
 
 
+# Counts that add up over the runs of one output directory (one entry of summary["runs"] each).
+_SUMMED = ("images", "captions", "shards_written", "seconds", "truncated_captions",
+           "unsafe_images", "compile_seconds", "wall_seconds")
+
+
+def earlier_runs(summary_path: str) -> list[dict]:
+    """The runs an existing summary file lists (none when there is no file). A file written
+    before summaries listed their runs counts as one run."""
+    try:
+        summary = fileio.read_json(summary_path)
+    except FileNotFoundError:
+        return []
+    if not isinstance(summary, dict):
+        raise ValueError(f"{summary_path}: expected a JSON object, found {type(summary).__name__}")
+    if "runs" in summary:
+        return list(summary["runs"])
+    return [{key: summary[key] for key in (*_SUMMED, "devices", "device_kind", "per_device_batch")
+             if key in summary}]
+
+
+def summarize(runs: Sequence[dict], host: dict) -> dict:
+    """summary.json: every run, their summed counts, and rates over the summed sampling time
+    (per device: over the summed device-seconds, so runs on different device counts add up)."""
+    totals = {key: sum(run.get(key, 0) for run in runs) for key in _SUMMED}
+    device_seconds = sum(run.get("seconds", 0.0) * run.get("devices", 0) for run in runs)
+    return dict(host, **totals, runs=list(runs),
+                images_per_s=totals["images"] / totals["seconds"] if totals["seconds"] else 0.0,
+                images_per_s_per_device=(totals["images"] / device_seconds if device_seconds
+                                         else 0.0))
+
+
 class _ShardWriter:
     """Encodes images on a thread pool as they arrive and writes each shard once all of its
     images are encoded, on a single writer thread, so the devices never wait for the disk."""
 
-    def __init__(self, config, output_dir: str, captions: captions_lib.Captions):
+    def __init__(self, config, output_dir: str, captions: captions_lib.Captions,
+                 on_written: Callable[[Shard], None] | None = None):
         self.config, self.output_dir, self.captions = config, output_dir, captions
+        self.on_written = on_written
         self.k = config.images_per_caption
         self.seeds = sampler_lib.image_seeds(config.seed, self.k)
         self.encoders = concurrent.futures.ThreadPoolExecutor(config.num_workers)
@@ -169,7 +232,7 @@ class _ShardWriter:
         pending.append(future)
         if len(pending) == shard.num_captions * self.k:
             futures = self.encoded.pop(shard.index)
-            self.writes.append(self.writer.submit(self._write, shard, futures))
+            self.writes.append((shard, self.writer.submit(self._write, shard, futures)))
         self._reap(limit=2)
 
     def _write(self, shard: Shard, futures: list) -> str:
@@ -184,8 +247,11 @@ class _ShardWriter:
 
     def _reap(self, limit: int) -> None:
         """Collects finished writes (raising their errors); waits while more than `limit` wait."""
-        while self.writes and (self.writes[0].done() or len(self.writes) > limit):
-            self.written.append(self.writes.popleft().result())
+        while self.writes and (self.writes[0][1].done() or len(self.writes) > limit):
+            shard, write = self.writes.popleft()
+            self.written.append(write.result())
+            if self.on_written is not None:
+                self.on_written(shard)
 
     def backlog(self) -> int:
         return sum(not f.done() for fs in self.encoded.values() for f in fs)
@@ -219,17 +285,33 @@ def _batches(items, size: int):
 
 
 def generate_shards(sampler: sampler_lib.Sampler, shards: Sequence[Shard], config,
-                    output_dir: str, captions: captions_lib.Captions) -> dict:
-    """Samples and writes the given shards; returns counts and timings of this run."""
+                    output_dir: str, captions: captions_lib.Captions,
+                    on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Samples and writes the given shards; returns counts and timings of this run.
+
+    `on_progress` gets the same counts, so far, each time a shard has been written."""
     k = config.images_per_caption
     seeds = sampler_lib.image_seeds(config.seed, k)
     tokens: dict[int, np.ndarray] = {}      # token ids of the shards being dispatched
     stats = collections.Counter()
     total = sum(s.num_captions for s in shards) * k
-    writer = _ShardWriter(config, output_dir, captions)
+    start = time.perf_counter()
+
+    def counts() -> dict:
+        return {"images": stats["captions"] * k, "captions": stats["captions"],
+                "shards_written": stats["shards"], "seconds": time.perf_counter() - start,
+                "truncated_captions": stats["truncated_captions"],
+                "unsafe_images": stats["unsafe_images"]}
+
+    def written(shard: Shard) -> None:
+        stats["shards"] += 1
+        stats["captions"] += shard.num_captions
+        if on_progress is not None:
+            on_progress(counts())
+
+    writer = _ShardWriter(config, output_dir, captions, on_written=written)
     bar = tqdm(total=total, desc="generate", unit="img", mininterval=2.0, smoothing=0.1)
     in_flight: collections.deque = collections.deque()
-    start = time.perf_counter()
     ok = False
 
     def finish(batch_items, handle):
@@ -269,10 +351,7 @@ def generate_shards(sampler: sampler_lib.Sampler, shards: Sequence[Shard], confi
         bar.close()
         if not ok:
             writer.close(wait_for_writes=False)
-    seconds = time.perf_counter() - start
-    return {"images": total, "captions": total // k, "shards_written": len(writer.written),
-            "seconds": seconds, "truncated_captions": stats["truncated_captions"],
-            "unsafe_images": stats["unsafe_images"]}
+    return counts()
 
 
 def write_manifest(output_dir: str, shards: Sequence[Shard], config, settings: dict) -> dict:
@@ -304,8 +383,23 @@ def write_contact_sheet(output_dir: str, shards: Sequence[Shard], num_captions: 
     return None
 
 
+def _run_entry(stats: dict, sampler: sampler_lib.Sampler | None, *, started: str,
+               wall_start: float, finished: bool) -> dict:
+    """One run's counts, rates and devices: an entry of summary.json's `runs`."""
+    devices = len(sampler.devices) if sampler is not None else 0
+    rate = stats["images"] / stats["seconds"] if stats["seconds"] else 0.0
+    return dict(
+        stats, started=started, finished=finished, images_per_s=rate,
+        images_per_s_per_device=rate / devices if devices else 0.0,
+        compile_seconds=sampler.compile_seconds if sampler is not None else 0.0,
+        wall_seconds=time.perf_counter() - wall_start, devices=devices,
+        device_kind=sampler.devices[0].device_kind if sampler is not None else None,
+        per_device_batch=sampler.per_device_batch if sampler is not None else None)
+
+
 def run(config, *, sampler: sampler_lib.Sampler | None = None) -> dict:
-    """Generates this host's missing shards and (host 0) the manifest; returns the summary.
+    """Generates this host's missing shards and (host 0) the manifest; returns this run's
+    summary (summary.json also lists the earlier runs and their totals).
 
     `sampler` reuses an already built sampler (its model and settings must match the config).
     Every input problem raises before the model is loaded or anything is written.
@@ -331,6 +425,22 @@ def run(config, *, sampler: sampler_lib.Sampler | None = None) -> dict:
                  len(shards), process_index, process_count, len(mine),
                  sum(is_finished(output_dir, s) for s in mine), len(todo))
 
+    summary_path = os.path.join(output_dir, _summary_name(process_index, process_count))
+    runs = earlier_runs(summary_path)
+    host = dict(blank_lines_skipped=captions.blank_skipped, process_index=process_index,
+                process_count=process_count, shards_total=len(shards), shards_this_host=len(mine))
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+    def save_summary(stats: dict, finished: bool) -> dict:
+        entry = _run_entry(stats, sampler, started=started, wall_start=wall_start,
+                           finished=finished)
+        fileio.write_json_atomic(summary_path, summarize([*runs, entry], host))
+        return entry
+
+    own_files = [s.name for s in mine] + [os.path.basename(summary_path)]
+    if process_index == 0:
+        own_files += [SETTINGS_NAME, records.MANIFEST_NAME, CONTACT_SHEET_NAME]
+    remove_stale_temp_files(output_dir, own_files)
     fileio.makedirs(output_dir)
     if process_index == 0 and not settings_written:
         fileio.write_json_atomic(settings_path, settings)
@@ -350,7 +460,8 @@ def run(config, *, sampler: sampler_lib.Sampler | None = None) -> dict:
             raise ValueError(f"the given sampler ({sampler.model!r}, {sampler.settings}) does not "
                              f"match the config ({config.model!r}, {sampling_settings(config)})")
         sampler.compile()
-        stats = generate_shards(sampler, todo, config, output_dir, captions)
+        stats = generate_shards(sampler, todo, config, output_dir, captions,
+                                on_progress=lambda counts: save_summary(counts, False))
 
     if process_count > 1 and config.process_count is None:
         from jax.experimental import multihost_utils
@@ -360,22 +471,15 @@ def run(config, *, sampler: sampler_lib.Sampler | None = None) -> dict:
         if config.contact_sheet_captions:
             write_contact_sheet(output_dir, shards, config.contact_sheet_captions)
 
-    num_devices = len(sampler.devices) if sampler is not None else 0
-    rate = stats["images"] / stats["seconds"] if stats["seconds"] else 0.0
-    summary = dict(
-        stats, images_per_s=rate,
-        images_per_s_per_device=rate / num_devices if num_devices else 0.0,
-        compile_seconds=sampler.compile_seconds if sampler is not None else 0.0,
-        wall_seconds=time.perf_counter() - wall_start, devices=num_devices,
-        device_kind=sampler.devices[0].device_kind if sampler is not None else None,
-        per_device_batch=sampler.per_device_batch if sampler is not None else None,
-        blank_lines_skipped=captions.blank_skipped, process_index=process_index,
-        process_count=process_count, shards_total=len(shards), shards_this_host=len(mine))
-    summary_path = os.path.join(output_dir, _summary_name(process_index, process_count))
-    if stats["images"] or not fileio.exists(summary_path):   # a no-op rerun keeps the numbers
-        fileio.write_json_atomic(summary_path, summary)
+    if stats["images"]:
+        entry = save_summary(stats, True)
+    else:     # a no-op rerun adds no run and keeps the numbers
+        entry = _run_entry(stats, sampler, started=started, wall_start=wall_start, finished=True)
+        if not fileio.exists(summary_path):
+            fileio.write_json_atomic(summary_path, summarize([], host))
+    summary = dict(host, **entry)
     logging.info("generated %d images in %.1f s (%.2f images/s, %.2f per device); %d captions "
-                 "truncated to %d tokens", stats["images"], stats["seconds"], rate,
+                 "truncated to %d tokens", stats["images"], stats["seconds"], entry["images_per_s"],
                  summary["images_per_s_per_device"], stats["truncated_captions"],
                  sampler.max_length if sampler is not None else 77)
     return summary
