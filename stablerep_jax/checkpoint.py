@@ -219,12 +219,20 @@ class TrainCheckpointer:
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()
 
-    def save(self, step: int, state, model_config: dict, train_config_json: str) -> None:
+    def save(self, step: int, state, model_config: dict, run_meta: dict) -> None:
+        """Starts writing `step` (async). `run_meta` (JSON-ready: the train config and what a
+        resume is checked against, see `resume.run_identity`) goes into `meta` with the step."""
         self._manager.save(step, args=ocp.args.Composite(
             **model_save_args(state.params, state.batch_stats, model_config),
             **{OPT_STATE: ocp.args.StandardSave(state.opt_state),
-               META: ocp.args.JsonSave({"step": int(step), "train_config": train_config_json})}),
+               META: ocp.args.JsonSave({**_json_ready(run_meta), "step": int(step)})}),
             force=True)
+
+    def restore_meta(self, step: int) -> dict:
+        """The `meta` item of `step` alone (read before the state, to check a resume)."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            **{META: ocp.args.JsonRestore()}))
+        return dict(restored[META])
 
     def restore(self, step: int, abstract_state, shardings):
         """Restores `step` straight into `shardings` (each device reads only its shard)."""

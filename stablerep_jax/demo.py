@@ -15,7 +15,7 @@ import time
 import jax
 from absl import flags, logging
 
-from stablerep_jax import checkpoint, config_utils, fileio, linear_probe, train
+from stablerep_jax import checkpoint, cli, config_utils, fileio, linear_probe, train
 from stablerep_jax.contact_sheet import save_contact_sheet
 from stablerep_jax.data import records
 from stablerep_jax.generation import toy_world
@@ -86,6 +86,10 @@ def samples_sheet(data_glob: str, workdir: str, rows: int = 6) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Stage 2: training
+
+
+class Preempted(Exception):
+    """A training stage stopped early (SIGTERM) with a checkpoint: rerun the demo to resume."""
 
 
 def train_config(config, data_glob: str, simclr: bool):
@@ -162,7 +166,10 @@ def run(config, workdir: str) -> dict:
         train_cfgs["SimCLR"] = train_config(config, data_glob, simclr=True)
     for name, cfg in train_cfgs.items():
         logging.info("training %s (%d steps)", name, cfg.total_steps)
-        train.train_and_evaluate(cfg, encoders[name])
+        result = train.train_and_evaluate(cfg, encoders[name])
+        if result.preempted:   # never go on to probe a half-trained encoder
+            raise Preempted(f"training {name} stopped by SIGTERM at step {result.step} of "
+                            f"{result.total_steps}; rerun the same command to resume")
     encoders["random init"] = random_checkpoint(train_cfgs["StableRep"],
                                                 os.path.join(workdir, "random_init"))
 
@@ -229,8 +236,14 @@ def _print_table(summary) -> None:
     print(f"done in {summary['seconds']} s; see report.md and demo_results.json")
 
 
-def main(config):
-    run(config, flags.FLAGS.workdir)
+def main(config) -> int:
+    """Exit code 0 when the demo ran to the end, `cli.EXIT_RESUME` when SIGTERM stopped it."""
+    try:
+        run(config, flags.FLAGS.workdir)
+    except Preempted as e:
+        logging.warning("%s", e)
+        return cli.EXIT_RESUME
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ r"""StableRep / StableRep++ pre-training, sharded over every device of every hos
 Read top to bottom: mesh -> data size and schedule -> model and optimizer -> sharded state
 (fresh, fine-tuned from `init_from`, or resumed from WORKDIR) -> one compiled step -> loop with
 logging, checkpoints, preemption and NaN guards. Rerunning the same command resumes exactly.
+
+Exit codes (`cli`): 0 when the run reached its last step (or `stop_at_step`), 75
+(`cli.EXIT_RESUME`, EX_TEMPFAIL) when SIGTERM stopped it early after saving a checkpoint (run
+the same command again to resume), 1 on an error. Nothing non-finite is ever saved.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from absl import flags, logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from stablerep_jax import checkpoint, losses, optim, parallel
+from stablerep_jax import checkpoint, cli, losses, optim, parallel, resume
 from stablerep_jax.data import pipeline, shards
 from stablerep_jax.metrics import MetricWriter
 from stablerep_jax.models.encoder import build_model
@@ -193,6 +197,14 @@ def make_train_step(model, tx, schedule, config, total_steps: int):
     return train_step
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """One device-side reduction: are all floating-point leaves of `tree` finite?"""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
 def compiled_flops(compiled) -> float:
     """FLOPs XLA's cost analysis counts for one call of a compiled program (0 if unknown)."""
     try:
@@ -236,20 +248,28 @@ def build_training(config, mesh, total_steps: int, steps_per_epoch: int) -> Trai
 # Preemption
 
 
-class _StopFlag:
-    """Set by SIGTERM (TPU maintenance, preemption); agreed on by all hosts before acting.
+class PreemptionWatch:
+    """Has a preemption notice (SIGTERM: TPU maintenance, spot reclaim, SLURM) arrived? Answers
+    the same at the same step on every host, so all of them save and stop together.
 
-    With several processes, agreeing is a host-side all-gather; it runs only every `every`
-    steps (all hosts run the same steps, so they meet), which keeps it out of the step loop.
+    One process: a SIGTERM handler sets a flag. Several processes: JAX's preemption sync point
+    (`multihost_utils.reached_preemption_sync_point`, fed by jax.distributed's own SIGTERM
+    notifier; asked at every step, it returns True at one step agreed by all hosts). If JAX's
+    preemption service is switched off, the hosts all-gather their SIGTERM flags every `every`
+    steps instead (all hosts run the same steps, so they meet).
     """
 
     def __init__(self, every: int = 1):
         self.every = max(1, int(every))
+        self.multi_host = jax.process_count() > 1
+        self.use_sync_point = self.multi_host and bool(jax.config.jax_enable_preemption_service)
         self._set = False
         self._previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        # With the sync point, jax.distributed's notifier owns SIGTERM: a Python handler would
+        # replace it and the other hosts would never hear of the notice.
+        if not self.use_sync_point and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -263,7 +283,9 @@ class _StopFlag:
         return False
 
     def should_stop(self, step: int) -> bool:
-        if jax.process_count() == 1:
+        if self.use_sync_point:
+            return multihost_utils.reached_preemption_sync_point(step)
+        if not self.multi_host:
             return self._set
         if step % self.every:
             return False
@@ -275,7 +297,13 @@ class _StopFlag:
 # The job
 
 
-def train_and_evaluate(config, workdir: str) -> TrainResult:
+def train_and_evaluate(config, workdir: str, allow_changes=(),
+                       checkpoint_workdir: str | None = None) -> TrainResult:
+    """Trains (or resumes) in `workdir` (local or a tf.io.gfile URL such as gs://).
+
+    `allow_changes`: config keys (and `data.files`, `process_count`) that may differ from the run
+    that wrote the checkpoints (see `resume`). `checkpoint_workdir`: where `checkpoints/` goes
+    if not in `workdir` (e.g. a faster disk); metrics and TensorBoard stay in `workdir`."""
     check_config(config)
     mesh = parallel.make_mesh()
     total_steps, steps_per_epoch = training_length(config)
@@ -287,9 +315,20 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     abstract_state, shardings, step_fn = parts.abstract_state, parts.shardings, parts.step_fn
 
     model_config = {**config.model.to_dict(), "image_size": config.data.image_size}
-    ckpt = checkpoint.TrainCheckpointer(workdir, keep=config.keep_checkpoints)
+    ckpt = checkpoint.TrainCheckpointer(checkpoint_workdir or workdir, keep=config.keep_checkpoints)
     start_step = ckpt.latest_step()
+    run_meta = resume.run_identity(config.to_json_best_effort(),
+                                   resume.data_fingerprint(config.data.train_files),
+                                   jax.process_count())
     if start_step is not None:
+        try:   # before anything is written or restored: a wrong resume stops here
+            resume.check_resume(ckpt.restore_meta(start_step), run_meta[resume.META_TRAIN_CONFIG],
+                                run_meta[resume.META_DATA_FILES], jax.process_count(),
+                                allowed=resume.parse_allowed(allow_changes),
+                                where=f"{ckpt.directory}/{start_step}")
+        except resume.ResumeMismatch:
+            ckpt.close()
+            raise
         state = ckpt.restore(start_step, abstract_state, shardings)
         logging.info("resumed from %s at step %d", ckpt.directory, start_step)
     else:
@@ -312,32 +351,35 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
         knn_monitor = KnnMonitor.from_train_config(parts.model, config.knn,
                                                    config.data.image_size, mesh)
 
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, keep_through_step=start_step)
     images_per_step = config.batch_size * views_per_caption(config)
     step = start_step
     last_metrics: dict = {}
-    pending = None              # (step, device metrics) checked one step late: no pipeline stall
+    compiled = None             # the step, compiled once (ahead of time) at the first batch
     flops_per_step = 0.0
     preempted = False
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                disable=jax.process_index() != 0)
     window_start, window_steps = time.perf_counter(), 0
     try:
-        with _StopFlag(config.preemption_check_every) as stop_flag:
+        with PreemptionWatch(config.preemption_check_every) as watch:
             while step < stop_at:
                 batch = parallel.global_batch(mesh, next(data))
-                if not flops_per_step:
-                    flops_per_step = compiled_flops(step_fn.lower(state, batch).compile())
-                state, metrics = step_fn(state, batch)
-                if pending is not None:
-                    _check_finite(*pending, ckpt)
+                if compiled is None:
+                    compiled = step_fn.lower(state, batch).compile()
+                    flops_per_step = compiled_flops(compiled)
+                state, metrics = compiled(state, batch)
                 step += 1
                 window_steps += 1
-                pending = (step, metrics)
                 bar.update(1)
 
-                if step % config.log_every == 0 or step == stop_at:
-                    _check_finite(*pending, ckpt)
+                preempted = watch.should_stop(step)
+                log_now = step % config.log_every == 0 or step == stop_at
+                save_now = step % config.checkpoint_every == 0 or step == stop_at or preempted
+                if log_now or save_now:      # one device sync per log / checkpoint step
+                    _check_finite(step, state, metrics, ckpt)
+
+                if log_now:
                     elapsed = time.perf_counter() - window_start
                     last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     step_time = elapsed / max(window_steps, 1)
@@ -354,30 +396,44 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
                 if knn_monitor is not None and (step % config.knn.every == 0 or step == stop_at):
                     writer.write(step, knn_monitor(state.params, state.batch_stats))
 
-                preempted = stop_flag.should_stop(step)
-                if step % config.checkpoint_every == 0 or step == stop_at or preempted:
-                    _check_finite(*pending, ckpt)
-                    ckpt.save(step, state, model_config, config.to_json_best_effort())
+                if save_now:
+                    ckpt.save(step, state, model_config, run_meta)
                 if preempted:
-                    logging.warning("stopped by SIGTERM at step %d; rerun the same command to resume", step)
                     break
         ckpt.wait()
     finally:
         bar.close()
         writer.close()
         ckpt.close()
-    logging.info("finished at step %d of %d", step, total_steps)
+    if preempted:
+        logging.warning("stopped early by SIGTERM at step %d of %d, checkpoint saved; exiting "
+                        "with code %d: rerun the same command to resume", step, total_steps,
+                        cli.EXIT_RESUME)
+    elif step < total_steps:
+        logging.info("stopped at step %d of %d (stop_at_step); rerun without it to go on",
+                     step, total_steps)
+    else:
+        logging.info("finished at step %d of %d", step, total_steps)
     return TrainResult(step=step, total_steps=total_steps, last_metrics=last_metrics,
                        preempted=preempted)
 
 
-def _check_finite(step: int, metrics: dict, ckpt) -> None:
-    loss = float(jax.device_get(metrics["loss"]))
-    if not math.isfinite(loss):
-        last = ckpt.latest_step()
-        where = (f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None
-                 else "no checkpoint was written")
-        raise FloatingPointError(f"non-finite loss {loss} at step {step}; stopping ({where})")
+def _check_finite(step: int, state: TrainState, metrics: dict, ckpt) -> None:
+    """Raises FloatingPointError unless the loss and the new params, BN statistics and optimizer
+    state are all finite: a state that fails this is never saved, so the latest checkpoint is
+    the last one whose parameters are all finite."""
+    ok, loss = jax.device_get((all_finite((state.params, state.batch_stats, state.opt_state,
+                                            metrics["loss"])), metrics["loss"]))
+    if bool(ok):
+        return
+    loss = float(loss)
+    what = (f"non-finite loss {loss}" if not math.isfinite(loss) else
+            f"non-finite parameters or optimizer state (loss {loss})")
+    ckpt.wait()
+    last = ckpt.latest_step()
+    where = (f"the last checkpoint with all-finite parameters is step {last} in {ckpt.directory}"
+             if last is not None else "no checkpoint was written")
+    raise FloatingPointError(f"{what} at step {step}; stopping ({where})")
 
 
 def _load_initial_weights(state: TrainState, path: str, shardings: TrainState) -> TrainState:
@@ -391,12 +447,20 @@ def _load_initial_weights(state: TrainState, path: str, shardings: TrainState) -
     return jax.device_put(state, shardings)
 
 
-def main(config):
+def main(config) -> int:
+    """The command line job: exit code 0 when done, `cli.EXIT_RESUME` when preempted."""
     parallel.start_job(flags.FLAGS)
-    train_and_evaluate(config, flags.FLAGS.workdir)
+    result = train_and_evaluate(config, flags.FLAGS.workdir,
+                                allow_changes=resume.parse_allowed(flags.FLAGS.resume_allow_changes),
+                                checkpoint_workdir=flags.FLAGS.checkpoint_workdir)
+    return cli.EXIT_RESUME if result.preempted else cli.EXIT_OK
 
 
 if __name__ == "__main__":
-    from stablerep_jax import cli
     cli.define_job_flags("checkpoints, metrics.jsonl and TensorBoard go here")
+    flags.DEFINE_string("resume_allow_changes", "",
+                        "comma-separated config keys (or data.files, process_count) that may "
+                        "differ from the run being resumed; any other change stops the run")
+    flags.DEFINE_string("checkpoint_workdir", None,
+                        "put checkpoints/ here instead of in --workdir (same layout)")
     cli.run(main)

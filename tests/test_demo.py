@@ -38,3 +38,34 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     # A rerun reuses data and checkpoints (train resumes at its final step: no new steps).
     again = demo.run(config, "stablerep_demo")
     assert again["probe_top1_trained"] == summary["probe_top1_trained"]
+
+
+@pytest.mark.slow
+def test_demo_stops_on_sigterm_without_probing(tmp_path):
+    """`python -m stablerep_jax.demo`, SIGTERM while it trains: exit code 75 (resume), and
+    neither the second encoder nor any probe of the half-trained one runs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from stablerep_jax import cli
+
+    command = [sys.executable, "-m", "stablerep_jax.demo", "--config=configs/demo.py:test",
+               "--config.train_steps=5000", f"--workdir={tmp_path}"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO, env=env)
+    metrics = tmp_path / "stablerep" / "metrics.jsonl"
+    deadline = time.monotonic() + 400
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "the demo never logged a training step"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == cli.EXIT_RESUME, output[-3000:]
+    assert not (tmp_path / "simclr").exists()
+    assert not (tmp_path / "probe").exists()
+    assert not (tmp_path / "demo_results.json").exists()
+    assert os.listdir(tmp_path / "stablerep" / "checkpoints")   # saved, to resume from

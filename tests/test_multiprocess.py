@@ -27,11 +27,14 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_on_one_host_stops_both_at_the_next_agreement_step(tmp_path):
-    """Process 1 alone is signalled while fetching its 3rd batch; the hosts agree every 2 steps,
-    so both finish step 3, save step 4 and exit cleanly (none hangs in a collective)."""
+def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
+    """Process 1 alone is signalled while fetching its 3rd batch; JAX's preemption sync point
+    (jax.distributed's SIGTERM notifier) picks one step for both: both save it and exit cleanly
+    (none hangs in a collective) long before the 8 steps are done."""
     outputs = _run(2, str(tmp_path / "run"), 8, 2)
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4"]
-    assert [m["step"] for m in read_metrics(str(tmp_path / "run"))] == [1, 2, 3, 4]
+    (saved,) = os.listdir(tmp_path / "run" / "checkpoints")
+    stop = int(saved)
+    assert 3 <= stop < 8
+    assert [m["step"] for m in read_metrics(str(tmp_path / "run"))] == list(range(1, stop + 1))
     for out in outputs:
-        assert "stopped by SIGTERM at step 4" in out, out[-4000:]
+        assert f"stopped early by SIGTERM at step {stop} of 8" in out, out[-4000:]

@@ -3,13 +3,16 @@ guard, learning on a tiny problem, StableRep++ mode."""
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from stablerep_jax import config_utils, parallel, train
+from stablerep_jax import cli, config_utils, parallel, resume, train
 from stablerep_jax.data import pipeline
 from stablerep_jax.metrics import read_metrics
 
@@ -161,6 +164,44 @@ def test_sigterm_saves_a_checkpoint_that_resumes(train_files, tmp_path, monkeypa
     assert resumed.step == 8 and not resumed.preempted
 
 
+def _wait_for_metrics(path, lines: int, proc, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early ({proc.returncode}): {proc.stdout.read()[-3000:]}")
+        if os.path.exists(path) and len(open(path).read().splitlines()) >= lines:
+            return
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError(f"no {lines} metrics lines in {path} after {timeout} s")
+
+
+@pytest.mark.slow
+def test_sigterm_through_the_command_line_exits_75_and_a_rerun_resumes(train_files, tmp_path):
+    """`python -m stablerep_jax.train`, SIGTERM mid-run: a checkpoint, exit code 75 (resume),
+    a log that says so; the same command resumes (here up to stop_at_step) and exits 0."""
+    command = [sys.executable, "-m", "stablerep_jax.train", "--config=configs/stablerep.py:tiny",
+               f"--config.data.train_files={train_files}", "--config.total_steps=1000",
+               "--config.checkpoint_every=1000", f"--workdir={tmp_path}"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO, env=env)
+    _wait_for_metrics(tmp_path / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == cli.EXIT_RESUME == 75, output[-3000:]
+    assert "stopped early by SIGTERM" in output and "finished at step" not in output
+    stopped = read_metrics(str(tmp_path))[-1]["step"]
+    assert os.listdir(tmp_path / "checkpoints") == [str(stopped)]
+
+    rerun = subprocess.run(command + [f"--config.stop_at_step={stopped + 2}"], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert "resumed from" in rerun.stdout
+    assert [m["step"] for m in read_metrics(str(tmp_path))] == list(range(1, stopped + 3))
+
+
 @pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message(train_files, tmp_path, monkeypatch):
     def poison_at_4(step, batch):
@@ -175,6 +216,122 @@ def test_nan_loss_stops_with_a_clear_message(train_files, tmp_path, monkeypatch)
     from stablerep_jax import checkpoint
     params, _, _ = checkpoint.load_model(str(tmp_path))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
+
+
+@pytest.mark.slow
+def test_update_to_non_finite_params_saves_nothing_non_finite(train_files, tmp_path):
+    """lr 1e39 (inf in float32): each update turns the params non-finite while the loss, computed
+    before it on finite params, stays finite. Such a state is never saved, and the error names
+    the last checkpoint whose params are all finite."""
+    from stablerep_jax import checkpoint
+    config = tiny_config(train_files, total_steps=6, checkpoint_every=1, keep_checkpoints=10)
+    config.optim.lr = 1e39
+    with pytest.raises(FloatingPointError, match=r"non-finite parameters or optimizer state "
+                                                 r"\(loss [0-9.]+\) at step 1;.*no checkpoint"):
+        train.train_and_evaluate(config, str(tmp_path / "fresh"))
+    assert not os.listdir(tmp_path / "fresh" / "checkpoints")
+
+    # Two good steps, then the same blow-up on resume (the lr change allowed explicitly).
+    workdir = str(tmp_path / "resumed")
+    train.train_and_evaluate(tiny_config(train_files, total_steps=6, checkpoint_every=1,
+                                         keep_checkpoints=10, stop_at_step=2), workdir)
+    with pytest.raises(FloatingPointError, match=r"non-finite parameters.*at step 3;.*"
+                                                 r"all-finite parameters is step 2"):
+        train.train_and_evaluate(config, workdir, allow_changes="optim.lr")
+    steps = sorted(int(p) for p in os.listdir(tmp_path / "resumed" / "checkpoints"))
+    assert steps == [1, 2]
+    for step in steps:
+        params, _, _ = checkpoint.load_model(workdir, step=step)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
+
+
+def _count_train_step_compiles():
+    """A list that grows by one per XLA compilation of the train step (JAX's own events)."""
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration" and \
+                "train_step" in str(kwargs.get("fun_name", "")):
+            compiles.append(kwargs["fun_name"])
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return compiles, listener
+
+
+@pytest.mark.slow
+def test_resume_drops_metrics_past_the_restored_step(train_files, tmp_path, monkeypatch):
+    """A run killed after step 6 (checkpoint at 4) resumes from 4: steps 5 and 6 are logged once.
+    The resumed run compiles its train step exactly once."""
+    def crash_at_7(step, batch):
+        if step == 7:
+            raise RuntimeError("simulated kill")
+        return batch
+
+    _wrap_iterator(monkeypatch, crash_at_7)
+    config = tiny_config(train_files, total_steps=8, checkpoint_every=4)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert [m["step"] for m in read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
+    monkeypatch.undo()
+    compiles, listener = _count_train_step_compiles()
+    try:
+        train.train_and_evaluate(tiny_config(train_files, total_steps=8, checkpoint_every=4),
+                                 str(tmp_path))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert [m["step"] for m in read_metrics(str(tmp_path))] == list(range(1, 9))
+    assert len(compiles) == 1, compiles
+
+
+@pytest.mark.slow
+def test_resume_with_other_settings_stops_and_names_each(train_files, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(os.path.dirname(train_files), data)
+    files = str(data / "*.tfrecord")
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(tiny_config(files, total_steps=4, stop_at_step=2), workdir)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+
+    changed = tiny_config(files, total_steps=5, batch_size=16, seed=3, **{
+        "model.depth": 3, "optim.warmup_steps": 1, "data.n_img": 3})
+    with pytest.raises(resume.ResumeMismatch) as error:
+        train.train_and_evaluate(changed, workdir)
+    message = str(error.value)
+    for line in ("batch_size: 8 -> 16", "seed: 0 -> 3", "total_steps: 4 -> 5",
+                 "model.depth: 2 -> 3", "optim.warmup_steps: 2 -> 1", "data.n_img: 2 -> 3"):
+        assert line in message, message
+    assert "stop_at_step" not in message          # bookkeeping keys may change
+    assert "--resume_allow_changes=" in message
+
+    # A shard added to the glob since the run started changes the data stream too.
+    first = sorted(p for p in os.listdir(data) if p.endswith(".tfrecord"))[0]
+    shutil.copy(data / first, data / "train-extra.tfrecord")
+    with pytest.raises(resume.ResumeMismatch, match=r"data.files.*1 shard\(s\) added: "
+                                                    r"train-extra.tfrecord"):
+        train.train_and_evaluate(tiny_config(files, total_steps=4), workdir)
+    # Nothing was written by the refused runs.
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
+    # Allowed explicitly, the run goes on from step 2.
+    result = train.train_and_evaluate(tiny_config(files, total_steps=4), workdir,
+                                      allow_changes="data.files")
+    assert result.step == 4
+
+
+@pytest.mark.slow
+def test_metrics_and_tensorboard_go_to_a_url_workdir(train_files, tmp_path, ram_dir):
+    """ram:// stands in for gs://: metrics.jsonl and TensorBoard through tf.io.gfile, nothing
+    in a local folder named 'ram:' (orbax cannot write ram://, so checkpoints stay local)."""
+    monkey_cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        train.train_and_evaluate(tiny_config(train_files, total_steps=3), ram_dir,
+                                 checkpoint_workdir=str(tmp_path / "ckpt"))
+    finally:
+        os.chdir(monkey_cwd)
+    assert [m["step"] for m in read_metrics(ram_dir)] == [1, 2, 3]
+    assert tf.io.gfile.listdir(f"{ram_dir}/tensorboard")
+    assert not os.path.exists(tmp_path / "ram:")
+    assert os.listdir(tmp_path / "ckpt" / "checkpoints") == ["3"]
 
 
 @pytest.mark.slow
@@ -260,3 +417,72 @@ def test_knn_monitor_logs_accuracy_during_training(train_files, tmp_path):
     knn_rows = [m for m in read_metrics(str(tmp_path / "run")) if "knn_top1" in m]
     assert [m["step"] for m in knn_rows] == [2, 4]
     assert all(0.0 <= m["knn_top1"] <= 1.0 for m in knn_rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Resume checks and metrics.jsonl, without training
+
+
+def _meta(config, files=(("a.tfrecord", 8),), processes=1):
+    return resume.run_identity(config.to_json_best_effort(), [list(f) for f in files], processes)
+
+
+def test_check_resume_names_each_change_and_honours_allowed_keys():
+    old = tiny_config("d/*.tfrecord")
+    new = tiny_config("other/*.tfrecord", **{"optim.blr": 5e-4, "log_every": 7})
+    saved = _meta(old)
+    with pytest.raises(resume.ResumeMismatch) as error:
+        resume.check_resume(saved, new.to_json_best_effort(), [["a.tfrecord", 8]], 1)
+    message = str(error.value)
+    assert 'data.train_files: "d/*.tfrecord" -> "other/*.tfrecord"' in message
+    assert "optim.blr: 0.001 -> 0.0005" in message
+    assert "log_every" not in message
+    assert "--resume_allow_changes=data.train_files,optim.blr" in message
+    resume.check_resume(saved, new.to_json_best_effort(), [["a.tfrecord", 8]], 1,
+                        allowed=resume.parse_allowed("data.train_files, optim"))
+
+
+def test_check_resume_detects_new_shards_recounts_and_host_count():
+    config = tiny_config("d/*.tfrecord")
+    saved = _meta(config, files=[("a.tfrecord", 8), ("b.tfrecord", 8)], processes=2)
+    same = config.to_json_best_effort()
+    resume.check_resume(saved, same, [["a.tfrecord", 8], ["b.tfrecord", 8]], 2)
+    with pytest.raises(resume.ResumeMismatch, match=r"1 shard\(s\) added: c.tfrecord"):
+        resume.check_resume(saved, same, [["a.tfrecord", 8], ["b.tfrecord", 8],
+                                          ["c.tfrecord", 3]], 2)
+    with pytest.raises(resume.ResumeMismatch, match=r"b.tfrecord: 8 -> 9 records"):
+        resume.check_resume(saved, same, [["a.tfrecord", 8], ["b.tfrecord", 9]], 2)
+    with pytest.raises(resume.ResumeMismatch, match=r"process_count .*: 2 -> 4"):
+        resume.check_resume(saved, same, [["a.tfrecord", 8], ["b.tfrecord", 8]], 4)
+    resume.check_resume(saved, same, [["a.tfrecord", 8]], 4, allowed=("data.files", "process_count"))
+    # A checkpoint written before these checks has no record of them: nothing to compare.
+    resume.check_resume({"step": 3}, same, [], 7)
+
+
+def test_metric_writer_drops_rows_past_the_restored_step(tmp_path):
+    from stablerep_jax.metrics import MetricWriter
+    writer = MetricWriter(str(tmp_path), tensorboard=False, enabled=True)
+    for step in range(1, 7):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')                   # a line cut short by kill -9
+    writer = MetricWriter(str(tmp_path), tensorboard=False, enabled=True, keep_through_step=4)
+    assert [m["step"] for m in read_metrics(str(tmp_path))] == [1, 2, 3, 4]
+    writer.write(5, {"loss": 0.5})
+    writer.close()
+    assert [m["step"] for m in read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5]
+    assert [name for name in os.listdir(tmp_path) if name != "metrics.jsonl"] == []   # no temp
+
+
+def test_metric_writer_on_a_url(ram_dir):
+    from stablerep_jax.metrics import MetricWriter
+    writer = MetricWriter(ram_dir, enabled=True, keep_through_step=0)
+    writer.write(1, {"loss": 1.0})
+    writer.write(2, {"loss": 0.5})
+    writer.close()
+    writer = MetricWriter(ram_dir, enabled=True, keep_through_step=1)
+    writer.write(2, {"loss": 0.25})
+    writer.close()
+    assert read_metrics(ram_dir) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.25}]
+    assert tf.io.gfile.listdir(f"{ram_dir}/tensorboard")

@@ -1,0 +1,134 @@
+"""What a resumed training run must share with the run that wrote its checkpoints.
+
+A checkpoint's `meta` item records the train config, the data files (names and record counts,
+taken when the run first started) and the process count. On resume, `check_resume` compares
+them with the new run's: a change of batch size, data, seed, schedule, loss or model would put
+the data stream in the wrong place, make the learning rate jump or fail deep in orbax with a
+shape error, so it stops the run before anything is written, listing every changed key with
+its old and new value. Keys that only steer bookkeeping (`SAFE_TO_CHANGE`) may differ freely;
+any other key may be allowed explicitly (train's `--resume_allow_changes=key1,key2`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Sequence
+
+from stablerep_jax.data import shards
+
+# Config keys (or key prefixes) that do not change the data stream, the schedule or the model.
+SAFE_TO_CHANGE = ("stop_at_step", "checkpoint_every", "keep_checkpoints", "log_every",
+                  "preemption_check_every", "knn", "init_from", "preset")
+# Names of the non-config parts of a run's identity, usable in --resume_allow_changes.
+DATA_FILES = "data.files"          # the shards' names and record counts
+PROCESS_COUNT = "process_count"    # hosts: each reads its own slice of the files
+
+META_TRAIN_CONFIG = "train_config"
+META_DATA_FILES = "data_files"
+META_PROCESS_COUNT = "process_count"
+
+
+class ResumeMismatch(ValueError):
+    """The run in the workdir was started with other settings than this one."""
+
+
+def data_fingerprint(train_files: str) -> list[list]:
+    """[[file name, records], ...] of every shard the glob matches, sorted by name.
+
+    Counts come from the shards' manifest.json (a shard no manifest lists is counted by reading
+    it, as the input pipeline does). Names without their directory: data moved elsewhere with
+    the same shards is the same data."""
+    files = shards.matching_files(train_files)
+    counts = shards.count_records(files)
+    return [[os.path.basename(f), int(n)] for f, n in zip(files, counts)]
+
+
+def run_identity(config_json: str, fingerprint: list, process_count: int) -> dict:
+    """The meta entries that a resume is checked against."""
+    return {META_TRAIN_CONFIG: config_json, META_DATA_FILES: fingerprint,
+            META_PROCESS_COUNT: int(process_count)}
+
+
+def parse_allowed(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """`"a,b"` or `["a", "b"]` -> ("a", "b"); empty entries dropped."""
+    if not text:
+        return ()
+    items = text.split(",") if isinstance(text, str) else list(text)
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _covered(key: str, names: Iterable[str]) -> bool:
+    """`key` is one of `names` or lies under one of them (`model` covers `model.depth`)."""
+    return any(key == name or key.startswith(name + ".") for name in names)
+
+
+def _missing(value) -> str:
+    return "<absent>" if value is _ABSENT else json.dumps(value)
+
+
+_ABSENT = object()
+
+
+def config_changes(saved_json: str, new_json: str) -> list[tuple[str, object, object]]:
+    """(key, old, new) for every leaf that differs, except `SAFE_TO_CHANGE`."""
+    old, new = _flatten(json.loads(saved_json)), _flatten(json.loads(new_json))
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if a != b and not _covered(key, SAFE_TO_CHANGE):
+            changes.append((key, a, b))
+    return changes
+
+
+def _describe_files(old: list, new: list) -> str:
+    old_map, new_map = dict(map(tuple, old)), dict(map(tuple, new))
+    parts = []
+    added = sorted(set(new_map) - set(old_map))
+    removed = sorted(set(old_map) - set(new_map))
+    recounted = sorted(n for n in set(old_map) & set(new_map) if old_map[n] != new_map[n])
+    for label, names in (("added", added), ("removed", removed)):
+        if names:
+            shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+            parts.append(f"{len(names)} shard(s) {label}: {shown}")
+    for name in recounted[:5]:
+        parts.append(f"{name}: {old_map[name]} -> {new_map[name]} records")
+    return "; ".join(parts)
+
+
+def check_resume(saved_meta: dict, config_json: str, fingerprint: list, process_count: int,
+                 allowed: Sequence[str] = (), where: str = "the checkpoint") -> None:
+    """Raises ResumeMismatch listing each difference between the saved run and this one that
+    `allowed` does not cover. Entries a checkpoint predating a check lacks are skipped."""
+    problems = []
+    if META_TRAIN_CONFIG in saved_meta:
+        for key, old, new in config_changes(saved_meta[META_TRAIN_CONFIG], config_json):
+            if not _covered(key, allowed):
+                problems.append(f"{key}: {_missing(old)} -> {_missing(new)}")
+    saved_files = saved_meta.get(META_DATA_FILES)
+    if saved_files is not None and [list(x) for x in saved_files] != [list(x) for x in fingerprint]:
+        if not _covered(DATA_FILES, allowed):
+            problems.append(f"{DATA_FILES} (the shards data.train_files matches): "
+                            f"{_describe_files(saved_files, fingerprint)}")
+    saved_count = saved_meta.get(META_PROCESS_COUNT)
+    if saved_count is not None and int(saved_count) != int(process_count):
+        if not _covered(PROCESS_COUNT, allowed):
+            problems.append(f"{PROCESS_COUNT} (hosts, each reading its own files): "
+                            f"{saved_count} -> {process_count}")
+    if problems:
+        names = ",".join(p.split(":", 1)[0].split(" ", 1)[0] for p in problems)
+        raise ResumeMismatch(
+            f"this run differs from the one that wrote {where}; resuming would change the data "
+            "stream, the schedule or the model:\n  " + "\n  ".join(problems) +
+            f"\nUse the original settings, or a new --workdir, or accept the changes with "
+            f"--resume_allow_changes={names}")
