@@ -20,6 +20,7 @@ LLVM ahead of triton's (see `generate.py`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -118,6 +119,16 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def _fsync_directory(path: str) -> None:
+    """Makes a rename in `path` survive a crash; filesystems that cannot sync a directory
+    (some FUSE mounts say EINVAL) keep the rename unsynced rather than failing the write."""
+    try:
+        _fsync(path)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yields a temporary name (`temp_name`) to write `path` under; when the block succeeds,
@@ -138,7 +149,7 @@ def atomic_path(path: str) -> Iterator[str]:
         remove_if_present(tmp)
         raise
     if not is_url(path):
-        _fsync(os.path.dirname(os.path.abspath(path)))     # the rename itself survives a crash
+        _fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
 def write_bytes_atomic(path: str, data: bytes) -> str:

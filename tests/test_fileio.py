@@ -178,3 +178,19 @@ def test_stale_temporary_files_of_given_names_are_removed(directory):
     assert removed == sorted(os.path.basename(p) for p in dead)
     assert _names(directory) == sorted(os.path.basename(p) for p in alive + [shard])
     assert fileio.remove_stale_temp_files(os.path.join(directory, "none"), ["x"]) == []
+
+
+def test_a_directory_that_cannot_be_synced_does_not_fail_the_write(tmp_path, monkeypatch):
+    """Some FUSE mounts (gcsfuse) answer EINVAL to fsync on a directory: the file is still
+    synced before its rename, and the write succeeds."""
+    import errno
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = fileio.write_text_atomic(str(tmp_path / "a.txt"), "kept")
+    assert open(path).read() == "kept"
