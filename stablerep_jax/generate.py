@@ -5,8 +5,10 @@ r"""Captions file -> K Stable Diffusion images per caption -> sharded TFRecords 
 
 Output directory: a local path or any tf.io.gfile URL (gs://BUCKET/DIR: every host of a pod
 writes its shards straight to the bucket; see `fileio.py`):
-  train-SSSSS-of-NNNNN.tfrecord  shard S holds captions [S*P, (S+1)*P) (P = captions_per_shard),
-                                 one record per caption (schema: `data/records.py`)
+  train-SSSSS-of-NNNNN.tfrecord  shard S holds P = captions_per_shard captions drawn by a fixed
+                                 seeded permutation (`data/shard_plan.py`), so every shard is a
+                                 random sample whatever the captions file's order; one record
+                                 per caption, caption_id = its index in the file (`data/records.py`)
   settings.json                  what decides the images; a rerun with other settings stops
   manifest.json                  the finished shards with their counts (written by host 0)
   contact_sheet.png              the first captions and their images (host 0)
@@ -28,6 +30,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import datetime
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +47,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from stablerep_jax import contact_sheet, fileio
-from stablerep_jax.data import records
+from stablerep_jax.data import records, shard_plan
 from stablerep_jax.generation import captions as captions_lib
 
 IMAGE_FORMATS = records.IMAGE_FORMATS
@@ -55,23 +58,32 @@ SHARD_PREFIX = "train"
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
-    """One output file: captions [first, stop) of the captions file."""
+    """One output file and the ids of the captions it holds, in writing order
+    (`data/shard_plan.py`)."""
     index: int
     name: str
-    first: int
-    stop: int
+    caption_ids: np.ndarray = dataclasses.field(compare=False, repr=False)
 
     @property
     def num_captions(self) -> int:
-        return self.stop - self.first
+        return len(self.caption_ids)
+
+    @functools.cached_property
+    def _positions(self) -> dict[int, int]:
+        return {cid: i for i, cid in enumerate(self.caption_ids.tolist())}
+
+    def position(self, caption_id: int) -> int:
+        """Where `caption_id` sits among this shard's captions."""
+        return self._positions[caption_id]
 
 
 def plan_shards(num_captions: int, captions_per_shard: int) -> list[Shard]:
-    """Every shard of the output, the same on every host and every rerun."""
-    count = -(-num_captions // captions_per_shard)
-    return [Shard(i, f"{SHARD_PREFIX}-{i:05d}-of-{count:05d}{records.SHARD_SUFFIX}",
-                  i * captions_per_shard, min(num_captions, (i + 1) * captions_per_shard))
-            for i in range(count)]
+    """Every shard of the output, the same on every host and every rerun: shard S holds a
+    seeded random sample of the captions (`shard_plan.caption_order`), not a run of them."""
+    slices = shard_plan.shard_slices(num_captions, captions_per_shard)
+    count = len(slices)
+    return [Shard(i, f"{SHARD_PREFIX}-{i:05d}-of-{count:05d}{records.SHARD_SUFFIX}", ids)
+            for i, ids in enumerate(slices)]
 
 
 def host_shards(shards: Sequence[Shard], process_index: int, process_count: int) -> list[Shard]:
@@ -125,6 +137,7 @@ def settings_of(config, captions: captions_lib.Captions) -> dict:
         "save_size": config.save_size, "image_format": config.image_format,
         "jpeg_quality": config.jpeg_quality if config.image_format == "jpeg" else None,
         "captions_per_shard": config.captions_per_shard,
+        shard_plan.ORDER_KEY: shard_plan.order_info(),
     }
 
 
@@ -240,7 +253,7 @@ class _ShardWriter:
         recs = [records.CaptionRecord(
             caption=self.captions.texts[cid], caption_id=cid,
             images=images[i * self.k:(i + 1) * self.k], seeds=self.seeds)
-            for i, cid in enumerate(range(shard.first, shard.stop))]
+            for i, cid in enumerate(shard.caption_ids.tolist())]
         records.write_shard(os.path.join(self.output_dir, shard.name), recs)
         logging.info("wrote %s (%d captions)", shard.name, len(recs))
         return shard.name
@@ -268,7 +281,7 @@ class _ShardWriter:
 def _work_items(shards: Sequence[Shard], k: int):
     """(shard, caption_id, image index) in output order: caption by caption, its K images."""
     for shard in shards:
-        for cid in range(shard.first, shard.stop):
+        for cid in shard.caption_ids.tolist():
             for j in range(k):
                 yield shard, cid, j
 
@@ -330,10 +343,11 @@ def generate_shards(sampler: sampler_lib.Sampler, shards: Sequence[Shard], confi
         for batch in _batches(_work_items(shards, k), sampler.batch_size):
             for shard in dict.fromkeys(s for s, _, _ in batch):   # a batch may span shards
                 if shard.index not in tokens:
-                    ids, truncated = sampler.tokenize(captions.texts[shard.first:shard.stop])
+                    ids, truncated = sampler.tokenize(
+                        [captions.texts[c] for c in shard.caption_ids.tolist()])
                     tokens[shard.index] = ids
                     stats["truncated_captions"] += int(truncated.sum())
-            ids = np.stack([tokens[s.index][cid - s.first] for s, cid, _ in batch])
+            ids = np.stack([tokens[s.index][s.position(cid)] for s, cid, _ in batch])
             last = batch[-1][0].index
             tokens = {last: tokens[last]}          # earlier shards are fully dispatched
             handle = sampler.dispatch(ids, [seeds[j] for _, _, j in batch],
@@ -357,13 +371,14 @@ def generate_shards(sampler: sampler_lib.Sampler, shards: Sequence[Shard], confi
 def write_manifest(output_dir: str, shards: Sequence[Shard], config, settings: dict) -> dict:
     """manifest.json from the finished shards on disk; counts follow from the shard plan."""
     k = config.images_per_caption
-    finished = {s.name: {"captions": s.num_captions, "images": s.num_captions * k,
-                         "first_caption_id": s.first}
+    finished = {s.name: {"captions": s.num_captions, "images": s.num_captions * k}
                 for s in shards if is_finished(output_dir, s)}
     missing = len(shards) - len(finished)
     manifest = records.write_manifest(
         output_dir, finished, images_per_caption=k, complete=missing == 0,
         missing_shards=missing, total_captions=settings["num_captions"],
+        num_caption_ids=settings["num_captions"],
+        **{shard_plan.ORDER_KEY: settings[shard_plan.ORDER_KEY]},
         image_format=config.image_format, save_size=config.save_size or config.resolution,
         settings=settings)
     if missing:

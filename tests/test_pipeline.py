@@ -279,6 +279,14 @@ def test_truncated_shard_is_named_or_its_tail_skipped_and_counted(tmp_path):
     assert tolerant.dropped == len(ids) - readable and len(labels) == NUM_CAPTIONS
 
 
+def test_truncated_shard_without_manifest_is_named_when_counted(tmp_path):
+    glob = _write(str(tmp_path), manifest=False)
+    _truncate(os.path.join(str(tmp_path), "train-00001-of-00004.tfrecord"), 200)
+    with pytest.raises(ValueError, match=r"train-00001-of-00004.tfrecord: corrupt or truncated "
+                                         r"TFRecord after record \d"):
+        pipeline.make_train_iterator(_data_config(glob), batch_size=8, seed=0)
+
+
 def test_corrupt_record_is_named(tmp_path):
     glob = _write(str(tmp_path))
     victim = os.path.join(str(tmp_path), "train-00001-of-00004.tfrecord")
@@ -348,11 +356,12 @@ def test_shards_in_file_order_get_a_warning_naming_the_directory(tmp_path, caplo
     assert f"{tmp_path / 'old'}: its manifest.json does not record" in caplog.text
 
 
-def test_caption_order_is_a_fixed_permutation_sorted_per_shard():
+PINNED_ORDER = [0, 9, 1, 8, 5, 6, 2, 3, 7, 4]
+
+
+def test_caption_order_is_a_fixed_permutation():
     order = shard_plan.caption_order(10, 4)
-    assert sorted(order.tolist()) == list(range(10))
-    assert order.tolist() == [0, 1, 8, 9, 2, 3, 5, 6, 4, 7]     # pinned: resumes must agree
-    for start in range(0, 10, 4):
-        assert order[start:start + 4].tolist() == sorted(order[start:start + 4].tolist())
+    assert order.tolist() == PINNED_ORDER                       # resumes on any NumPy agree
     big = shard_plan.caption_order(10_000, 1000)
-    assert np.abs(np.diff(big[:1000])).mean() > 5               # a sample, not a run
+    assert sorted(big.tolist()) == list(range(10_000))
+    assert np.abs(np.diff(big[:1000])).mean() > 2000            # a shuffled sample, not a run

@@ -2,21 +2,29 @@
 
 Stream of one host (all stages deterministic for a fixed seed):
 
-  blocks of permuted files (shards.EpochPlan) -> interleaved records
-  -> parse, pick m of K images              (keyed by seed, epoch, caption_id)
+  blocks of permuted files (shards.EpochPlan) -> interleaved records, each file exactly its
+     manifest count long (a corrupt or truncated tail becomes unreadable placeholders)
+  -> parse, pick m of K images              (keyed by seed, epoch, label, draw)
   -> permuted in windows of data.shuffle_buffer records
+  -> after each epoch, its first 2 x allowance records again as spares (draw 1)
   -> decode; undecodable records flagged   (views.safe_decode)
-  -> count drops, keep exactly `steps_per_epoch * B_host` records per epoch
-  -> m x num_crop augmented views           (keyed by seed, epoch, caption_id, view)
+  -> keep the first `steps_per_epoch * B_host` decodable records of each epoch, count drops
+  -> m x num_crop augmented views           (keyed by seed, epoch, label, view, draw)
   -> batch(B_host) [-> CLIP tokens] -> prefetch
 
-Every epoch yields the same number of batches, `(records - allowance) // B_host`, where the
-allowance is `floor(data.max_bad_fraction * records)`: a batch never mixes two epochs (labels
-stay unique) and step s always falls in epoch s // steps_per_epoch. Resuming at step s skips
-whole epochs and blocks without reading them and reads (without decoding) at most one block.
-The resumed stream equals the uninterrupted one exactly when no record of the current epoch
-before step s failed to decode; otherwise it is shifted by those few records until the epoch
-ends (later epochs are exact again).
+Every epoch yields `steps_per_epoch` batches, the trainer's number (`shards.steps_per_epoch`:
+records // batch_size on one host, as the reference's DistributedSampler + drop_last): the
+records past the quota are the epoch's unused remainder, and an undecodable record is replaced
+from it, or, when it is used up, from the spares, fresh draws of the epoch's first captions
+(never in the same batch as their first use unless an epoch is one batch). Up to
+`floor(data.max_bad_fraction * records)` bad records per epoch are tolerated; past that, the
+error names the file and record. A batch never mixes two epochs and step s always falls in epoch
+s // steps_per_epoch. Labels are caption_id plus the offset of the record's directory
+(`shards.label_offsets`; 0 for one directory). Resuming at step s skips whole epochs and blocks
+without reading them and reads (without decoding) at most one block. The resumed stream equals
+the uninterrupted one exactly when no record of the current epoch before step s failed to
+decode; otherwise it is shifted by those few records until the epoch ends (later epochs are
+exact again).
 """
 from __future__ import annotations
 

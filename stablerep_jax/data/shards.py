@@ -5,6 +5,10 @@ permuted and taken in blocks of `files_per_block`; the files of a block are inte
 by record and permuted in windows (see `pipeline`). Because the record count of every file is known (from
 `manifest.json`, else counted once), a restart can jump to any record of any epoch by skipping
 whole epochs and blocks arithmetically and reading at most one block.
+
+Also here, because every host must agree on them: which files a glob means (`matching_files`:
+no manifests or other job outputs), the steps of an epoch (`steps_per_epoch`, shared with the
+trainer's schedule), and the label offset of each directory (`label_offsets`).
 """
 from __future__ import annotations
 
@@ -169,11 +173,16 @@ def count_records(files: list[str], *, unlisted: str = "read") -> list[int]:
 
 def _count_by_reading(path: str) -> int:
     """Records in a file no manifest lists; a corrupt or truncated file is an error naming it."""
-    count = int(tf.data.TFRecordDataset(path).ignore_errors().reduce(
-        np.int64(0), lambda n, _: n + 1).numpy())
+    try:
+        count = int(tf.data.TFRecordDataset(path).ignore_errors().reduce(
+            np.int64(0), lambda n, _: n + 1).numpy())
+        if count == 0:     # a directory, an unreadable or empty file: say why, naming it
+            tf.data.TFRecordDataset(path).take(1).reduce(np.int64(0), lambda n, _: n)
+    except tf.errors.OpError as e:
+        raise ValueError(f"{path}: cannot be read as a TFRecord file ({e.message.splitlines()[0]})") from e
     try:
         tf.data.TFRecordDataset(path).skip(count).take(1).reduce(np.int64(0), lambda n, _: n)
-    except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as e:
+    except tf.errors.OpError as e:
         raise ValueError(f"{path}: corrupt or truncated TFRecord after record {count} (no "
                          "manifest lists it, so it cannot be read past the damage); fix or "
                          "remove it") from e
