@@ -67,6 +67,15 @@ def test_results_json_metrics_and_best_head(separable_run, encoder_dir, tinted):
     lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [m["step"] for m in lines[:30]] == list(range(1, 31))
     assert os.listdir(os.path.join(workdir, "tensorboard"))
+    # Tested every 10 epochs (the preset's cadence); the best is over the whole (epoch, lr) grid.
+    grid = on_disk["grid"]
+    assert grid["epochs"] == [10, 20, 30] and grid["base_lrs"] == [0.03, 0.3, 3.0]
+    assert [m["step"] for m in lines if "test_top1/blr=0.3" in m] == [10, 20, 30]
+    assert on_disk["best_top1"] == np.max(grid["top1"])
+    e, h = linear_probe.select_best(grid["top1"])
+    assert (on_disk["best_epoch"], on_disk["best_lr"]) == (grid["epochs"][e], grid["base_lrs"][h])
+    assert on_disk["final_top1"] == {f"{b:g}": v for b, v in zip(grid["base_lrs"], grid["top1"][-1])}
+    assert on_disk["feature_dtype"] == "float32" and on_disk["mode"] == "cached_features"
 
     # The saved best head reproduces the reported accuracy on freshly extracted features.
     head, meta = linear_probe.load_head(os.path.join(workdir, linear_probe.BEST_HEAD))
