@@ -8,7 +8,6 @@ printed table, `report.md` (contact sheet, loss curves, probe table) and `demo_r
 """
 from __future__ import annotations
 
-import glob
 import os
 import time
 
@@ -17,7 +16,7 @@ from absl import flags, logging
 
 from stablerep_jax import checkpoint, cli, config_utils, fileio, linear_probe, train
 from stablerep_jax.contact_sheet import save_contact_sheet
-from stablerep_jax.data import records
+from stablerep_jax.data import records, shards
 from stablerep_jax.generation import toy_world
 from stablerep_jax.metrics import read_metrics
 from stablerep_jax.models.encoder import build_model
@@ -61,8 +60,7 @@ def _generate_with_sd(config, data_dir: str) -> None:
         raise ValueError("config.generator='sd' needs --config.model (a diffusers folder or hub id)")
     captions_file = os.path.join(os.path.dirname(data_dir), "captions.txt")
     specs = toy_world.sample_captions(config.num_captions, config.seed)
-    with open(captions_file, "w", encoding="utf-8") as f:
-        f.write("\n".join(s.text for s in specs) + "\n")
+    fileio.write_text_atomic(captions_file, "\n".join(s.text for s in specs) + "\n")
     gen = config_utils.load_config(_config_file("generate.py"))
     gen.model = config.model
     gen.captions = captions_file
@@ -77,7 +75,7 @@ def _generate_with_sd(config, data_dir: str) -> None:
 
 
 def samples_sheet(data_glob: str, workdir: str, rows: int = 6) -> str:
-    first = sorted(glob.glob(data_glob))[0]
+    first = shards.matching_files(data_glob)[0]
     recs = records.read_records(first, limit=rows)
     path = os.path.join(workdir, "contact_sheet.png")
     save_contact_sheet(path, [(r.caption, r.images) for r in recs], thumb_size=64)
@@ -155,7 +153,7 @@ def probe(config, checkpoint_dir: str, folder: str, workdir: str) -> dict:
 
 def run(config, workdir: str) -> dict:
     start = time.time()
-    os.makedirs(workdir, exist_ok=True)
+    fileio.makedirs(workdir)
     data_glob = make_data(config, workdir)
     sheet = samples_sheet(data_glob, workdir)
 
@@ -174,7 +172,7 @@ def run(config, workdir: str) -> dict:
                                                 os.path.join(workdir, "random_init"))
 
     folder = os.path.join(workdir, f"probe_{config.probe_attribute}")
-    if not os.path.isdir(os.path.join(folder, "test")):
+    if not fileio.exists(os.path.join(folder, "test")):
         toy_world.write_toy_probe_folder(
             folder, attribute=config.probe_attribute,
             train_per_class=config.probe_train_per_class,
