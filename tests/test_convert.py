@@ -16,7 +16,7 @@ from stablerep_jax.models.encoder import StableRepModel, build_model
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
-import torch_reference as tref  # noqa: E402
+from stablerep_jax import torch_reference as tref  # noqa: E402  (needs torch)
 
 pytestmark = pytest.mark.torch
 
@@ -75,7 +75,7 @@ def encode(params, batch_stats, model_config, x_nchw):
 @pytest.fixture(scope="module")
 def visual_and_head():
     visual = tiny_vit(seed=3)
-    head = tref.randomize_(tref.named_head(192, MLP, EMB), 3).eval()
+    head = tref.randomize_(tref.projection_head(192, MLP, EMB), 3).eval()
     return visual, head
 
 

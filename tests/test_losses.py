@@ -9,11 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from stablerep_jax import losses
 
 torch = pytest.importorskip("torch")
-from stablerep_jax import torch_reference  # noqa: E402  (needs torch)
-
-
-torch_multi_pos_loss = torch_reference.multi_pos_loss
-torch_image_text_loss = torch_reference.image_text_loss
+from stablerep_jax import torch_reference as tref  # noqa: E402  (needs torch)
 
 
 def _view_major_labels(n_captions, n_views):
@@ -21,14 +17,9 @@ def _view_major_labels(n_captions, n_views):
     return np.tile(np.arange(n_captions), n_views)
 
 
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
-
-
 @pytest.mark.parametrize("n_captions,n_views,dim", [(4, 2, 16), (7, 3, 32), (16, 6, 8), (1, 2, 4)])
 @pytest.mark.parametrize("temperature", [0.05, 0.1, 0.5])
-def test_image_loss_and_grad_match_reference(n_captions, n_views, dim, temperature):
+def test_image_loss_and_grad_match_reference(n_captions, n_views, dim, temperature, close):
     rng = np.random.default_rng(n_captions * 100 + n_views)
     feats = rng.normal(size=(n_captions * n_views, dim)).astype(np.float32)
     labels = _view_major_labels(n_captions, n_views)
@@ -37,13 +28,13 @@ def test_image_loss_and_grad_match_reference(n_captions, n_views, dim, temperatu
         jnp.asarray(feats), jnp.asarray(labels), temperature)
 
     t_feats = torch.tensor(feats, dtype=torch.float64, requires_grad=True)
-    ref = torch_multi_pos_loss(t_feats, torch.tensor(labels), temperature)
+    ref = tref.multi_pos_loss(t_feats, torch.tensor(labels), temperature)
     ref.backward()
-    assert _rel_err(ours, ref.item()) < 1e-5
-    assert _rel_err(ours_grad, t_feats.grad.numpy()) < 1e-5
+    close(ours, ref.item(), 1e-5)
+    close(ours_grad, t_feats.grad.numpy(), 1e-5)
 
 
-def test_duplicated_labels_and_singletons_match_reference():
+def test_duplicated_labels_and_singletons_match_reference(close):
     """Captions repeated across the batch are positives; a caption with one image has none."""
     rng = np.random.default_rng(0)
     labels = np.array([0, 1, 2, 0, 1, 3, 0, 5, 5, 9])
@@ -51,10 +42,10 @@ def test_duplicated_labels_and_singletons_match_reference():
     ours, grad = jax.value_and_grad(losses.multi_positive_contrastive_loss)(
         jnp.asarray(feats), jnp.asarray(labels), 0.1)
     t_feats = torch.tensor(feats, dtype=torch.float64, requires_grad=True)
-    ref = torch_multi_pos_loss(t_feats, torch.tensor(labels), 0.1)
+    ref = tref.multi_pos_loss(t_feats, torch.tensor(labels), 0.1)
     ref.backward()
-    assert _rel_err(ours, ref.item()) < 1e-5
-    assert _rel_err(grad, t_feats.grad.numpy()) < 1e-5
+    close(ours, ref.item(), 1e-5)
+    close(grad, t_feats.grad.numpy(), 1e-5)
 
 
 def test_loss_is_stable_for_large_features_and_bf16():
@@ -77,7 +68,7 @@ def test_perfect_features_give_lower_loss_than_random():
 
 
 @pytest.mark.parametrize("n_captions,n_views", [(4, 2), (6, 3)])
-def test_image_text_loss_and_grads_match_reference(n_captions, n_views):
+def test_image_text_loss_and_grads_match_reference(n_captions, n_views, close):
     rng = np.random.default_rng(n_captions)
     n_img = n_captions * n_views
     arrays = dict(
@@ -99,17 +90,17 @@ def test_image_text_loss_and_grads_match_reference(n_captions, n_views):
     ours_grads = jax.grad(lambda a: ours_fn(a)["loss"])(jax_arrays)
 
     t_arrays = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in arrays.items()}
-    ref = torch_image_text_loss(t_arrays["image_feats"], t_arrays["image_emb"],
+    ref = tref.image_text_loss(t_arrays["image_feats"], t_arrays["image_emb"],
                                 t_arrays["text_emb"], torch.tensor(v_labels),
                                 torch.tensor(t_labels), scale, 0.1, w1, w2)
     ref["loss"].backward()
     for key in ("loss", "image_loss", "img_txt_loss"):
-        assert _rel_err(ours[key], ref[key].item()) < 1e-5, key
+        close(ours[key], ref[key].item(), 1e-5)
     for key in arrays:
-        assert _rel_err(ours_grads[key], t_arrays[key].grad.numpy()) < 1e-5, key
+        close(ours_grads[key], t_arrays[key].grad.numpy(), 1e-5)
 
 
-def test_sharded_global_batch_equals_single_device():
+def test_sharded_global_batch_equals_single_device(close):
     """The loss on a batch sharded over 8 devices sees the global batch: same value and grads."""
     devices = np.array(jax.devices())
     assert len(devices) == 8, "tests expect 8 simulated devices (see tests/conftest.py)"
@@ -128,5 +119,5 @@ def test_sharded_global_batch_equals_single_device():
     assert len(sharded_feats.addressable_shards) == 8
     multi = jax.jit(loss_and_grad, static_argnums=2, out_shardings=(NamedSharding(mesh, P()), sharding))(
         sharded_feats, sharded_labels, 0.1)
-    assert _rel_err(multi[0], single[0]) < 1e-5
-    assert _rel_err(multi[1], single[1]) < 1e-5
+    close(multi[0], single[0], 1e-5)
+    close(multi[1], single[1], 1e-5)
