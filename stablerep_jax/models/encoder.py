@@ -95,8 +95,12 @@ class StableRepModel(nn.Module):
         if images.ndim != 5:
             raise ValueError(f"StableRepModel expects images [B, V, H, W, 3], got {images.shape}")
         b, v = images.shape[:2]
-        flat = jnp.swapaxes(images, 0, 1).reshape((v * b,) + images.shape[2:])
-        groups = self.visual(flat).reshape(v, b, self.width)      # view-major groups
+        # The ViT runs caption-major ([B, V] -> [B * V]: the caption axis, sharded over the mesh,
+        # stays the leading one, so each device encodes only its own images); only the small
+        # feature tensor is then regrouped view-major. Flattening view-major first would split
+        # the sharded axis and make every device encode the whole global batch.
+        flat = images.reshape((b * v,) + images.shape[2:])
+        groups = jnp.swapaxes(self.visual(flat).reshape(b, v, self.width), 0, 1)   # [V, B, W]
         feats = self.image_mlp(groups, train).reshape(v * b, self.emb_dim)
         out = {"feats": feats.astype(jnp.float32)}
         if not self.add_language:
@@ -107,7 +111,7 @@ class StableRepModel(nn.Module):
             raise ValueError(f"{tokens.shape[0]} token rows for {b} captions of images")
         text = self.text(tokens)
         if self.vl_projection == "linear":
-            image_emb = groups.reshape(v * b, self.width) @ self.image_projection.astype(self.dtype)
+            image_emb = (groups @ self.image_projection.astype(self.dtype)).reshape(v * b, -1)
             text_emb = text @ self.text_projection.astype(self.dtype)
         else:
             image_emb = self.image_projection(groups, train).reshape(v * b, -1)
