@@ -13,10 +13,10 @@ model, the caption, the sampling settings and (seed, caption_id, k), not on its 
 resume point. Its pixels are bit-identical for the same batch shape (devices x per-device batch;
 padding a partial batch changes nothing, and a resume with the same devices and batch rewrites the
 same bytes). Another batch shape compiles to other kernels, so float rounding differs: measured on
-a tiny SD (32px, 3 DDIM steps, 8 devices x 1 image vs 1 device x 4 images), float32 images agree
-to within 1 level of 255 and bfloat16 ones (the default) differ in about half their values, by at
-most 6 levels (mean 0.67); `tests/test_generate.py` holds these bounds and
-`benchmarks/generate.py --layouts` measures them.
+a tiny SD (32px, 3 DDIM steps, 32 images, 8 devices x 1 image vs 1 x 4 and 2 x 3), float32 images
+agree to within 1 level of 255 (4 of 98,304 values differ) and bfloat16 ones (the default) differ
+in 39-51% of their values, by at most 7 levels (mean 0.48-0.65). `benchmarks/generate.py
+--layouts` measures this; `tests/test_generate.py` holds looser bounds (README, generate).
 
 One call samples `per_device_batch` images on every local device: params are replicated once,
 token ids and seeds are sharded over a 1-D device mesh, and `shard_map` runs the per-device
