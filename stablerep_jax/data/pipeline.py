@@ -85,7 +85,7 @@ class TrainIterator:
 
     def _explain(self, error: Exception) -> Exception:
         message = str(error.message if hasattr(error, "message") else error)
-        where = _failing_record(message)
+        where = _failing_record(message, self.info.files)
         if TOO_MANY_BAD in message:
             what = ("could not be read (a corrupt or truncated TFRecord)" if where[2] == "0"
                     else "holds images that do not decode")
@@ -107,12 +107,12 @@ class TrainIterator:
         return error
 
 
-def _failing_record(message: str) -> tuple[str, str, str]:
+def _failing_record(message: str, files: tuple[str, ...]) -> tuple[str, str, str]:
     """(file, record index, readable flag) from a failed scan assertion's message."""
-    file = re.search(r"\[file\] \[(.*?)\]( \[record\]|$|\n)", message)
+    file = re.search(r"\[file\] \[(\d+)\]", message)
     record = re.search(r"\[record\] \[(\d+)\]", message)
     readable = re.search(r"\[readable\] \[(\d+)\]", message)
-    return (file.group(1) if file else "?", record.group(1) if record else "?",
+    return (files[int(file.group(1))] if file else "?", record.group(1) if record else "?",
             readable.group(1) if readable else "?")
 
 
@@ -121,17 +121,17 @@ def _permute_window(window, key):
     return tf.nest.map_structure(lambda t: tf.gather(t, order), window)
 
 
-def _file_records(path, count, offset):
+def _file_records(path, count, offset, position):
     """Exactly `count` elements for one shard: its records, then, where the file ends early or
     is corrupt (TF's DataLossError, which names no file), unreadable placeholders in place of
-    the missing tail. Every element carries its file and record index for error messages; the
+    the missing tail. Every element carries its file's position among the host's files and its
+    record index, for error messages; the
     count stays exact, so resume arithmetic and the interleave order do not depend on damage."""
     readable = tf.data.TFRecordDataset(path, buffer_size=READ_BUFFER_BYTES).ignore_errors()
-    readable = readable.take(count).map(lambda r: (r, tf.constant(True)))
-    missing = tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(False))).repeat(count)
-    return readable.concatenate(missing).take(count).enumerate().map(
-        lambda i, rec: {"serialized": rec[0], "readable": rec[1], "file": path, "index": i,
-                        "offset": offset})
+    missing = tf.data.Dataset.from_tensors(tf.constant(b"")).repeat(count)   # no record is b""
+    return readable.take(count).concatenate(missing).take(count).enumerate().map(
+        lambda i, rec: {"serialized": rec, "readable": tf.strings.length(rec) > 0,
+                        "file": position, "index": i, "offset": offset})
 
 
 def _read_records(plan: shards.EpochPlan, start_epoch: int, skip_records: int, window: int,
@@ -148,17 +148,19 @@ def _read_records(plan: shards.EpochPlan, start_epoch: int, skip_records: int, w
         for block in plan.iter_blocks(start_epoch, skip_records, spare_records):
             yield (np.array(block.files), np.array([plan.count(f) for f in block.files], np.int64),
                    np.array([plan.offset(f) for f in block.files], np.int64),
+                   np.array([plan.position(f) for f in block.files], np.int64),
                    np.int64(block.epoch), np.int64(block.skip),
                    np.int64(-1 if block.take is None else block.take), np.int64(block.spare),
                    np.int64(plan.block_seed(block)))
 
     blocks = tf.data.Dataset.from_generator(gen, output_signature=(
         tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int64),
-        tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64),
+        tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int64),
+        tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64),
         tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64)))
 
-    def read_block(files, counts, offsets, epoch, skip, take, spare, block_seed):
-        ds = tf.data.Dataset.from_tensor_slices((files, counts, offsets)).interleave(
+    def read_block(files, counts, offsets, positions, epoch, skip, take, spare, block_seed):
+        ds = tf.data.Dataset.from_tensor_slices((files, counts, offsets, positions)).interleave(
             _file_records, cycle_length=plan.files_per_block, block_length=1,
             num_parallel_calls=plan.files_per_block, deterministic=True)
         ds = ds.map(lambda e: dict(

@@ -249,6 +249,9 @@ class EpochPlan:
     def _position(self) -> dict[str, int]:
         return {f: i for i, f in enumerate(self.files)}
 
+    def position(self, path: str) -> int:
+        return self._position[path]
+
     def offset(self, path: str) -> int:
         return self.offsets[self._position[path]] if self.offsets else 0
 
