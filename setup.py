@@ -24,6 +24,7 @@ setup(
         "diffusers>=0.30,<0.40",
         "transformers>=4.40,<5",
         "pillow",
+        "matplotlib>=3.7",      # figures (report.py), drawn on the Agg canvas
         "tqdm",
     ],
     extras_require={
