@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from stablerep_jax import checkpoint, fileio
+from stablerep_jax import checkpoint, fileio, parallel
 from stablerep_jax.models.encoder import build_model
 from stablerep_jax.models.heads import head_key_map
 from stablerep_jax.models.text import text_key_map
@@ -300,28 +300,6 @@ def _exists_on_process_0(path) -> bool:
     return bool(exists)
 
 
-def _on_every_process(fn):
-    """Runs `fn` and, in a multi-process job, tells every process whether any failed: all of
-    them go on to the save (which needs every process) or all stop (the failed one with its
-    own error), so none is left waiting inside a save for a dead peer."""
-    if jax.process_count() == 1:
-        return fn()
-    from jax.experimental import multihost_utils
-    error, result = None, None
-    try:
-        result = fn()
-    except Exception as e:        # handed on below, after telling the other processes
-        error = e
-    flags = multihost_utils.process_allgather(np.array(error is not None, np.int32))
-    if error is not None:
-        raise error
-    failed = [i for i, flag in enumerate(np.asarray(flags).reshape(-1).tolist()) if flag]
-    if failed:
-        raise RuntimeError(f"convert: process(es) {failed} failed (their logs name the "
-                           "problem); this process stops too")
-    return result
-
-
 def convert_pth(config) -> tuple[dict, dict]:
     """Reads and maps `config.pth`: (Flax variables, model config), with every check."""
     state_dict = strip_module_prefix(load_torch_state_dict(config.pth))
@@ -351,14 +329,14 @@ def run(config) -> str:
     existing = checkpoint.checkpoints_dir(config.output_dir) / "0"
     if _exists_on_process_0(existing):
         raise FileExistsError(f"{existing} already exists; choose another --config.output_dir")
-    variables, model_config = _on_every_process(lambda: convert_pth(config))
+    # Every process must reach the save, or all stop: none left waiting inside it for a dead peer.
+    variables, model_config = parallel.run_together(lambda: convert_pth(config), "convert")
     step_dir = checkpoint.save_model(config.output_dir, 0, variables["params"],
                                      variables["batch_stats"], model_config)
     return str(step_dir)
 
 
 def main(config):
-    from stablerep_jax import parallel
     parallel.initialize_distributed()       # pods / SLURM: one checkpoint, written once
     run(config)
 

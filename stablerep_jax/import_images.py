@@ -38,7 +38,7 @@ from absl import logging
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from stablerep_jax import fileio
+from stablerep_jax import fileio, parallel
 from stablerep_jax.data import layouts, records, shard_plan
 
 IMAGE_FORMATS = ("keep", *records.IMAGE_FORMATS)
@@ -200,28 +200,6 @@ def _process(config) -> tuple[int, int]:
     return index, count
 
 
-def _together(coordinated: bool, step: str, fn):
-    """Runs `fn` on every process and then waits for all of them; when one fails, every
-    process stops (the failed one with its own error), so none waits for a dead peer at a
-    barrier. Processes that run uncoordinated (explicit process fields) just run `fn`."""
-    if not coordinated:
-        return fn()
-    from jax.experimental import multihost_utils
-    error, result = None, None
-    try:
-        result = fn()
-    except Exception as e:        # handed on below, after telling the other processes
-        error = e
-    flags = multihost_utils.process_allgather(np.array(error is not None, np.int32))
-    if error is not None:
-        raise error
-    failed = [i for i, flag in enumerate(np.asarray(flags).reshape(-1).tolist()) if flag]
-    if failed:
-        raise RuntimeError(f"import_images {step}: process(es) {failed} failed (their logs "
-                           "name the problem); this process stops too")
-    return result
-
-
 def _finished_shards(output_dir: str) -> set[str]:
     """Names of the shards on disk (one listing; temporary files never match)."""
     pattern = os.path.join(output_dir, f"train-*{records.SHARD_SUFFIX}")
@@ -375,7 +353,8 @@ def run(config) -> dict | None:
     returns the manifest; other processes return None."""
     process_index, process_count = _process(config)
     coordinated = process_count > 1 and config.process_count is None
-    job = _together(coordinated, "checks", lambda: _prepare(config, process_index, process_count))
+    job = parallel.run_together(lambda: _prepare(config, process_index, process_count),
+                                "import_images checks", coordinated)
     output_dir = config.output_dir
 
     def start():
@@ -385,8 +364,9 @@ def run(config) -> dict | None:
             fileio.write_json_atomic(os.path.join(output_dir, SETTINGS_NAME),
                                      job["settings"])   # the same bytes from whoever writes it
 
-    _together(coordinated, "start", start)                 # shards never predate settings
-    _together(coordinated, "shards", lambda: _import_shards(config, job["todo"], job["seeds"]))
+    parallel.run_together(start, "import_images start", coordinated)  # shards never predate settings
+    parallel.run_together(lambda: _import_shards(config, job["todo"], job["seeds"]),
+                          "import_images shards", coordinated)
     if process_index != 0:
         return None
     manifest = write_outputs(config, job["plan"], job["settings"], job["k_max"])
@@ -396,7 +376,6 @@ def run(config) -> dict | None:
 
 
 def main(config):
-    from stablerep_jax import parallel
     parallel.hide_accelerators_from_tensorflow()
     if config.process_count is None:
         parallel.initialize_distributed()

@@ -49,6 +49,35 @@ def start_job(flag_values) -> None:
                            flag_values.process_id)
 
 
+def run_together(fn, what: str, coordinated: bool | None = None):
+    """Runs `fn` on this process, then tells every process whether any failed, so that all go
+    on together or all stop: the failed one with its own error, the others with a RuntimeError
+    naming `what` and the failed process indices. Without this, one host's error leaves its
+    peers waiting for it forever at the next barrier, collective or multi-host save.
+
+    `coordinated` defaults to "more than one JAX process"; pass False for processes that run
+    independently (no `jax.distributed`), which then just run `fn`.
+    """
+    if coordinated is None:
+        coordinated = jax.process_count() > 1
+    if not coordinated:
+        return fn()
+    from jax.experimental import multihost_utils
+    error, result = None, None
+    try:
+        result = fn()
+    except Exception as e:        # re-raised below, after telling the other processes
+        error = e
+    flags = multihost_utils.process_allgather(np.array(error is not None, np.int32))
+    if error is not None:
+        raise error
+    failed = [i for i, flag in enumerate(np.asarray(flags).reshape(-1).tolist()) if flag]
+    if failed:
+        raise RuntimeError(f"{what}: process(es) {failed} failed (their logs name the "
+                           "problem); this process stops too")
+    return result
+
+
 def _looks_multi_host() -> bool:
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return True
