@@ -166,6 +166,7 @@ render_sbatch() {
   fi
   echo "rc=0"
   quote_args "${srun[@]}" "${JOB_ARGV[@]}"
+  # shellcheck disable=SC2016  # $? of srun, expanded on the node
   echo ' || rc=$?'
   echo "# Exit code $EXIT_RESUME: stopped early (SIGTERM: preemption or the time limit) with a checkpoint."
   echo "if [ \"\$rc\" -eq $EXIT_RESUME ]; then"
