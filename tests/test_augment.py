@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from stablerep_jax import config_utils
 from stablerep_jax.data import augment as A
 
 DRAWS = 3000
@@ -185,48 +186,43 @@ def test_bfloat16_output():
     assert out.dtype == tf.bfloat16 and out.shape == (16, 16, 3)
 
 
-def test_eval_preprocess_centre_crops():
-    # 70 x 140 image, size 32: shorter side to int(32 / 0.875) = 36 -> 36 x 72, centre 32 x 32.
-    image = np.zeros((70, 140, 3), np.uint8)
-    image[:, 60:80] = 255                       # a bright vertical bar in the middle
-    out = A.eval_preprocess(tf.constant(image), 32).numpy() * STD + MEAN
-    assert out.shape == (32, 32, 3)
-    columns = out.mean(axis=(0, 2))
-    assert columns[16] > 0.9 and columns[0] < 0.1 and columns[-1] < 0.1
-    bar = np.where(columns > 0.5)[0]
-    assert abs((bar.min() + bar.max()) / 2 - 15.5) <= 1          # centred
+def test_bad_spec_values_name_the_spec_field():
+    """The library names its own fields; it does not know where a config keeps them."""
+    cases = [(dict(recipe="medium"), "AugmentSpec.recipe='medium'"),
+             (dict(size=0), "AugmentSpec.size=0"),
+             (dict(downsample_prob=1.5), "AugmentSpec.downsample_prob=1.5"),
+             (dict(downsample_prob=0.5, down_res=(0,)), r"AugmentSpec.down_res=\(0,\)"),
+             (dict(min_crop_scale=2.0), "AugmentSpec.min_crop_scale=2.0"),
+             (dict(dtype="float16"), "AugmentSpec.dtype='float16'")]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            A.AugmentSpec(**{"size": 16, **kwargs})
 
 
-@pytest.mark.torch
-def test_eval_preprocess_matches_torchvision():
-    torch = pytest.importorskip("torch")
-    transforms = pytest.importorskip("torchvision.transforms")
-    image = np.random.default_rng(1).integers(0, 256, (90, 120, 3)).astype(np.uint8)
-    chw = torch.from_numpy(image.transpose(2, 0, 1).copy()).float() / 255
-    pipe = transforms.Compose([
-        transforms.Resize(int(32 / 0.875), antialias=True), transforms.CenterCrop(32),
-        transforms.Normalize(A.IMAGENET_MEAN, A.IMAGENET_STD)])
-    want = pipe(chw).numpy().transpose(1, 2, 0)
-    got = A.eval_preprocess(tf.constant(image), 32).numpy()
-    assert np.abs(got - want).mean() < 0.05          # antialias kernels differ slightly
+def test_from_config_reads_the_train_config_and_names_its_keys(repo_root):
+    data = config_utils.load_config(str(repo_root / "configs" / "stablerep.py")).data
+    spec = A.AugmentSpec.from_config(data)
+    assert (spec.size, spec.recipe, spec.dtype) == (data.image_size, data.aug, data.image_dtype)
+    assert spec.downsample_prob == (data.downsample_prob if data.downsample else 0.0)
+    cases = [("aug", "medium", "data.aug='medium': choose one of"),
+             ("image_size", -1, "data.image_size=-1: must be positive"),
+             ("image_dtype", "float16", "data.image_dtype='float16'"),
+             ("min_crop_scale", 1.5, "data.min_crop_scale=1.5")]
+    for key, value, message in cases:
+        bad = data.copy_and_resolve_references()
+        bad[key] = value
+        with pytest.raises(ValueError, match=message):
+            A.AugmentSpec.from_config(bad)
+    bad = data.copy_and_resolve_references()
+    bad.downsample, bad.downsample_prob = True, 1.5
+    with pytest.raises(ValueError, match=r"probe\.downsample_prob=1\.5"):
+        A.AugmentSpec.from_config(bad, section="probe")
 
 
-def test_train_preprocess_probe_is_keyed_by_seed():
-    image = tf.constant(np.random.default_rng(2).integers(0, 256, (40, 40, 3)).astype(np.uint8))
-    a = A.train_preprocess_probe(image, 24, 5).numpy()
-    b = A.train_preprocess_probe(image, 24, 5).numpy()
-    c = A.train_preprocess_probe(image, 24, 6).numpy()
-    assert a.shape == (24, 24, 3) and a.dtype == np.float32
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
-    ds = tf.data.Dataset.from_tensors(image).map(lambda x: A.train_preprocess_probe(x, 24, 5))
-    np.testing.assert_allclose(next(iter(ds)).numpy(), a, atol=1e-5)
-
-
-def test_bad_spec_values_are_named():
-    with pytest.raises(ValueError, match="data.aug"):
-        A.AugmentSpec(size=16, recipe="medium")
-    with pytest.raises(ValueError, match="data.downsample_prob"):
-        A.AugmentSpec(size=16, downsample_prob=1.5)
-    with pytest.raises(ValueError, match="data.image_dtype"):
-        A.AugmentSpec(size=16, dtype="float16")
+def test_resize_to_unit_scales_and_clips():
+    pixels = tf.constant(np.random.default_rng(3).integers(0, 256, (30, 20, 3)).astype(np.uint8))
+    out = A.resize_to_unit(pixels, 12, 16).numpy()
+    assert out.shape == (12, 16, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out, A.resize(tf.cast(pixels, tf.float32), 12, 16).numpy() / 255,
+                               atol=1e-6)
+    assert A.resize_to_unit(tf.fill([4, 4, 3], 300.0), 8, 8).numpy().max() == 1.0

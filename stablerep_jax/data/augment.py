@@ -8,7 +8,7 @@ restart. The recipes follow the reference's torchvision chain (`main_stablerep.p
           0.1) with p=0.8 in random order, RandomGrayscale p=0.2, GaussianBlur(sigma 0.1-2)
           p=0.5, RandomHorizontalFlip, ImageNet mean/std.
   weak:   RandomResizedCrop(scale 0.5-1) and mean/std only (the reference has no flip there).
-  downsample (optional, before either recipe, p=data.downsample_prob): the crop is shrunk to the
+  downsample (optional, before either recipe, p=downsample_prob): the crop is shrunk to the
           resolution it would have in the image resized to one of `down_res` (shorter side),
           then resized to the output size, i.e. the reference's "down then back up" on the crop.
 
@@ -38,9 +38,23 @@ BLUR_SIGMA = (0.1, 2.0)
 FLIP_PROB = 0.5
 
 
+# The data config's key for each AugmentSpec field, for `from_config`'s errors.
+CONFIG_KEYS = {"size": "image_size", "recipe": "aug", "downsample_prob": "downsample_prob",
+               "down_res": "down_res", "dtype": "image_dtype", "min_crop_scale": "min_crop_scale"}
+
+
+class SpecError(ValueError):
+    """A bad AugmentSpec value; `field` names it, so that a caller reading a config can name
+    its own key instead (see `AugmentSpec.from_config`)."""
+
+    def __init__(self, field: str, value, reason: str):
+        super().__init__(f"AugmentSpec.{field}={value!r}: {reason}")
+        self.field, self.value, self.reason = field, value, reason
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentSpec:
-    """What to do to one view; built from the train config with `from_config`."""
+    """What to do to one view; `from_config` builds it from a data config section."""
     size: int
     recipe: str = "strong"
     downsample_prob: float = 0.0
@@ -50,17 +64,17 @@ class AugmentSpec:
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
-            raise ValueError(f"data.aug={self.recipe!r}: choose one of {RECIPES}")
+            raise SpecError("recipe", self.recipe, f"choose one of {RECIPES}")
         if self.size <= 0:
-            raise ValueError(f"data.image_size={self.size}: must be positive")
+            raise SpecError("size", self.size, "must be positive")
         if not 0.0 <= self.downsample_prob <= 1.0:
-            raise ValueError(f"data.downsample_prob={self.downsample_prob}: not in [0, 1]")
+            raise SpecError("downsample_prob", self.downsample_prob, "not in [0, 1]")
         if self.downsample_prob > 0 and (not self.down_res or min(self.down_res) <= 0):
-            raise ValueError(f"data.down_res={self.down_res}: need positive resolutions")
+            raise SpecError("down_res", self.down_res, "need positive resolutions")
         if not 0.0 <= self.min_crop_scale <= 1.0:
-            raise ValueError(f"data.min_crop_scale={self.min_crop_scale}: not in [0, 1]")
+            raise SpecError("min_crop_scale", self.min_crop_scale, "not in [0, 1]")
         if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"data.image_dtype={self.dtype!r}: use 'float32' or 'bfloat16'")
+            raise SpecError("dtype", self.dtype, "use 'float32' or 'bfloat16'")
 
     @property
     def crop_scale(self) -> tuple[float, float]:
@@ -69,12 +83,16 @@ class AugmentSpec:
         return (0.08, 1.0) if self.recipe == "strong" else (0.5, 1.0)
 
     @classmethod
-    def from_config(cls, data_config) -> "AugmentSpec":
-        return cls(size=int(data_config.image_size), recipe=str(data_config.aug),
-                   downsample_prob=float(data_config.downsample_prob) if data_config.downsample else 0.0,
-                   down_res=tuple(int(r) for r in data_config.down_res),
-                   dtype=str(data_config.image_dtype),
-                   min_crop_scale=float(data_config.get("min_crop_scale", 0.0)))
+    def from_config(cls, data_config, section: str = "data") -> "AugmentSpec":
+        """The spec a data config section asks for; a bad value raises naming `section.key`."""
+        c = data_config
+        try:
+            return cls(size=int(c.image_size), recipe=str(c.aug),
+                       downsample_prob=float(c.downsample_prob) if c.downsample else 0.0,
+                       down_res=tuple(int(r) for r in c.down_res), dtype=str(c.image_dtype),
+                       min_crop_scale=float(c.get("min_crop_scale", 0.0)))
+        except SpecError as e:
+            raise ValueError(f"{section}.{CONFIG_KEYS[e.field]}={e.value!r}: {e.reason}") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,6 +169,13 @@ def resize(image, height, width) -> tf.Tensor:
         shrinks,
         lambda: tf.image.resize(image, [height, width], method="bilinear", antialias=True),
         lambda: tf.image.resize(image, [height, width], method="bilinear", antialias=False))
+
+
+def resize_to_unit(pixels, height, width) -> tf.Tensor:
+    """uint8 (or float 0-255) pixels -> float32 [height, width, 3] in [0, 1]: `resize`, scale,
+    clip (resampling overshoots the range at edges; torchvision's PIL path clips too)."""
+    image = resize(tf.cast(pixels, tf.float32), height, width) / 255.0
+    return tf.clip_by_value(image, 0.0, 1.0)
 
 
 def crop(image, box) -> tf.Tensor:
@@ -272,8 +297,7 @@ def augment_crop(key, crop_image, spec: AugmentSpec, source_short_side) -> tf.Te
             k_down, spec.downsample_prob,
             lambda x: downsample_crop(k_down, x, source_short_side, spec.down_res), image)
         image = tf.ensure_shape(image, [None, None, 3])
-    image = resize(image, spec.size, spec.size) / 255.0
-    image = tf.clip_by_value(image, 0.0, 1.0)
+    image = resize_to_unit(image, spec.size, spec.size)
     if spec.recipe == "strong":
         image = _apply_with_prob(k_jitter_p, JITTER_PROB, lambda x: color_jitter(k_jitter, x), image)
         image = _apply_with_prob(k_gray_p, GRAYSCALE_PROB, to_grayscale_rgb, image)
@@ -284,47 +308,9 @@ def augment_crop(key, crop_image, spec: AugmentSpec, source_short_side) -> tf.Te
     return normalize(image, spec.dtype)
 
 
-def crop_key_split(key) -> tuple[tf.Tensor, tf.Tensor]:
-    """(key for the crop box, key for the rest): shared by the decode-and-crop fast path."""
-    k_box, k_rest = split_key(key, 2)
-    return k_box, k_rest
-
-
 def augment_image(key, image, spec: AugmentSpec) -> tf.Tensor:
     """One training view of a decoded uint8 image [H, W, 3]."""
-    k_box, k_rest = crop_key_split(key)
+    k_box, k_rest = split_key(key, 2)
     shape = tf.shape(image)
     box = random_resized_crop_box(k_box, shape[0], shape[1], spec.crop_scale)
     return augment_crop(k_rest, crop(image, box), spec, tf.minimum(shape[0], shape[1]))
-
-
-# --------------------------------------------------------------------------------------------
-# Linear-probe helpers (ImageNet-style eval and train transforms)
-
-
-def eval_preprocess(image_uint8, size: int, dtype="float32") -> tf.Tensor:
-    """Resize the shorter side to size / 0.875 (bilinear, antialiased), centre crop `size`,
-    normalise: the usual ImageNet evaluation transform."""
-    shape = tf.shape(image_uint8)
-    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-    short = tf.cast(int(size / 0.875), tf.float32)   # torchvision: int(224 / 0.875) = 256
-    scale = short / tf.minimum(h, w)
-    new_h = tf.maximum(tf.cast(tf.round(h * scale), tf.int32), size)
-    new_w = tf.maximum(tf.cast(tf.round(w * scale), tf.int32), size)
-    image = resize(tf.cast(image_uint8, tf.float32), new_h, new_w)
-    top = (new_h - size) // 2
-    left = (new_w - size) // 2
-    image = tf.slice(image, tf.stack([top, left, 0]), [size, size, 3])
-    return normalize(tf.clip_by_value(image / 255.0, 0.0, 1.0), dtype)
-
-
-def train_preprocess_probe(image_uint8, size: int, seed, dtype="float32") -> tf.Tensor:
-    """RandomResizedCrop(size, scale 0.08-1) + horizontal flip + normalise, keyed by `seed`
-    (an int or int tensor, e.g. folded from (run seed, epoch, example index))."""
-    key = make_key(seed) if not (isinstance(seed, tf.Tensor) and seed.shape == (2,)) else seed
-    k_box, k_flip = split_key(key, 2)
-    shape = tf.shape(image_uint8)
-    box = random_resized_crop_box(k_box, shape[0], shape[1], (0.08, 1.0))
-    image = resize(tf.cast(crop(image_uint8, box), tf.float32), size, size) / 255.0
-    image = _apply_with_prob(k_flip, FLIP_PROB, flip_left_right, tf.clip_by_value(image, 0.0, 1.0))
-    return normalize(tf.ensure_shape(image, [size, size, 3]), dtype)
