@@ -172,8 +172,8 @@ def resize(image, height, width) -> tf.Tensor:
 
 
 def resize_to_unit(pixels, height, width) -> tf.Tensor:
-    """uint8 (or float 0-255) pixels -> float32 [height, width, 3] in [0, 1]: `resize`, scale,
-    clip (resampling overshoots the range at edges; torchvision's PIL path clips too)."""
+    """uint8 (or float 0-255) pixels -> float32 [height, width, 3] in [0, 1]: `resize`, scale
+    and clip (float rounding can land just outside the range; torchvision's PIL path cannot)."""
     image = resize(tf.cast(pixels, tf.float32), height, width) / 255.0
     return tf.clip_by_value(image, 0.0, 1.0)
 
