@@ -309,6 +309,16 @@ def test_empty_shard_listed_with_records_is_an_error_naming_it(tmp_path):
                                      batch_size=8, seed=0)
 
 
+def test_shard_unreadable_from_its_start_is_an_error_naming_it(tmp_path):
+    glob = _write(str(tmp_path))
+    with open(os.path.join(str(tmp_path), "train-00000-of-00004.tfrecord"), "wb") as f:
+        f.write(_png((1, 2, 3)))                        # not a TFRecord file at all
+    it = pipeline.make_train_iterator(_data_config(glob, max_bad_fraction=0.4), batch_size=8,
+                                      seed=0)
+    with pytest.raises(ValueError, match="train-00000-of-00004.tfrecord: no record can be read"):
+        _take(it, 4)
+
+
 def test_glob_matching_other_files_is_an_error_naming_them(tmp_path):
     _write(str(tmp_path))
     for name in ("settings.json", "summary.json", "missing.txt", "contact_sheet.png"):
