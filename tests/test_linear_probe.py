@@ -264,6 +264,15 @@ def test_presets_run_the_reference_protocol(preset):
     assert linear_probe.eval_epochs(c.epochs, c.eval_every) == tuple(range(10, 91, 10))
 
 
+def test_probe_views_use_the_reference_parameters():
+    """main_linear.py: RandomResizedCrop(224) (torchvision defaults), RandomHorizontalFlip(),
+    Resize(256) + CenterCrop(224); checked without torchvision (the tests below compare with it)."""
+    assert eval_data.TRAIN_CROP_SCALE == (0.08, 1.0)
+    assert eval_data.TRAIN_CROP_RATIO == pytest.approx((3 / 4, 4 / 3))
+    assert eval_data.FLIP_PROB == 0.5 and eval_data.EVAL_RESIZE == (256, 224)
+    assert eval_data.eval_resize_size(224) == 256 and eval_data.eval_resize_size(32) == 36
+
+
 def test_eval_epochs_always_include_the_last():
     assert linear_probe.eval_epochs(25, 10) == (10, 20, 25)
     assert linear_probe.eval_epochs(30, 0) == (30,)
