@@ -175,6 +175,23 @@ def test_folder_training_epochs_are_global_permutations_for_any_host_count(tinte
     assert not np.array_equal(seen, np.concatenate([idx for idx, _ in indices(0, 1, epoch=1)]))
 
 
+def test_tfds_training_epochs_are_seeded_and_cover_the_split(tmp_path):
+    """TFDS training views (files in a seeded order, shuffle buffer): an epoch covers every
+    example once, the same (seed, epoch) gives the same batches, another epoch others."""
+    name = F.prepare_tiny_tfds(str(tmp_path / "tfds"))
+    data = eval_data.load_eval_dataset(name, str(tmp_path / "tfds"))
+
+    def epoch(e):
+        return list(eval_data.train_batches(data.train, 16, 8, 3, e, 1000))
+
+    first, again, other = epoch(0), epoch(0), epoch(1)
+    assert len(first) == 3
+    assert sorted(np.concatenate([b["label"] for b in first]).tolist()) == [0] * 8 + [1] * 8 + [2] * 8
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    assert not all(np.array_equal(a["image"], b["image"]) for a, b in zip(first, other))
+
+
 def test_eval_batches_pad_with_masked_blanks(tinted):
     data = eval_data.load_eval_dataset(f"folder:{tinted}")
     seen = []

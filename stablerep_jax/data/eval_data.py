@@ -85,7 +85,7 @@ class FolderSplit:
 
 @dataclasses.dataclass(frozen=True)
 class TfdsSplit:
-    """One split of a prepared TFDS dataset, read in file order (no file shuffling)."""
+    """One split of a prepared TFDS dataset, read in file order unless given a file seed."""
     name: str
     builder: object
     image_key: str
@@ -102,12 +102,17 @@ class TfdsSplit:
         return int(self.builder.info.splits[self._host_split(process_index, process_count)]
                    .num_examples)
 
-    def host_dataset(self, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
-        """Undecoded examples {"image": encoded bytes, "label": int32, "index": int64}."""
+    def host_dataset(self, process_index: int = 0, process_count: int = 1,
+                     file_seed: Optional[int] = None) -> tf.data.Dataset:
+        """Undecoded examples {"image": encoded bytes, "label": int32, "index": int64}. With
+        `file_seed` (training), this host's files are read in a seeded random order (TFDS's
+        deterministic file shuffle) and `index` is the position in that stream, not in the
+        split; without it (evaluation), in file order and `index` is the split position."""
         import tensorflow_datasets as tfds
         start = sum(self.host_count(i, process_count) for i in range(process_index))
+        read_config = None if file_seed is None else tfds.ReadConfig(shuffle_seed=int(file_seed))
         ds = self.builder.as_dataset(split=self._host_split(process_index, process_count),
-                                     shuffle_files=False,
+                                     shuffle_files=file_seed is not None, read_config=read_config,
                                      decoders={self.image_key: tfds.decode.SkipDecoding()})
         image_key, label_key = self.image_key, self.label_key
 
@@ -349,8 +354,9 @@ def train_batches(split, image_size: int, global_batch: int, seed: int, epoch: i
 
     Every crop depends only on (seed, epoch, example index). An image folder is read in a global
     permutation (`epoch_order`: the batches are the same for any number of hosts); a TFDS split,
-    which has no cheap random access, streams this host's slice through a shuffle buffer of
-    `shuffle_buffer` examples. All hosts yield `num_examples // global_batch` batches.
+    which has no cheap random access, streams this host's slice with its files in a new order
+    every epoch through a shuffle buffer of `shuffle_buffer` examples. All hosts yield
+    `num_examples // global_batch` batches.
     """
     host_batch = global_batch // process_count
     steps = train_steps_per_epoch(split, global_batch)
@@ -365,8 +371,9 @@ def train_batches(split, image_size: int, global_batch: int, seed: int, epoch: i
                                                process_index, process_count))
     else:
         count = split.host_count(process_index, process_count)
-        shuffle_seed = int(np.random.SeedSequence([seed, epoch, 0x5EB]).generate_state(1)[0])
-        ds = (split.host_dataset(process_index, process_count)
+        shuffle_seed, file_seed = (int(x) for x in np.random.SeedSequence(
+            [seed, epoch, 0x5EB]).generate_state(2))
+        ds = (split.host_dataset(process_index, process_count, file_seed)
               .shuffle(max(1, min(shuffle_buffer, count)), seed=shuffle_seed,
                        reshuffle_each_iteration=False)
               .take(steps * host_batch))
