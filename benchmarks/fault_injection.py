@@ -29,8 +29,9 @@ uninterrupted one:
   train                    metrics.jsonl has every step's loss equal, bit for bit, to the
                            uninterrupted run's (compared by step; lines that repeat a step after
                            a resume are counted and reported as a failure).
-Prints one table row per job (kills, resumes, completed runs compared, outputs equal, wall time)
-and exits 0 when every comparison held, 1 otherwise.
+Prints one table row per job (kills; kills that left a half-written file behind, i.e. a
+temporary shard or an unfinished checkpoint; resumes; completed runs compared; outputs equal;
+wall time) and exits 0 when every comparison held, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -123,6 +124,23 @@ def train_progress(workdir: str) -> int:
     return len(read_losses(workdir)[0])
 
 
+def partial_shards(output: str) -> int:
+    """Temporary files (shards or json being written) in a generate / import_images output."""
+    return sum(n.endswith(TMP_SUFFIX) for n in _names(output))
+
+
+def partial_checkpoints(workdir: str) -> int:
+    """Checkpoints being written (orbax's temporary directories, or a step directory without
+    its commit marker) in a train workdir."""
+    folder = os.path.join(workdir, "checkpoints")
+    return sum("tmp" in n or not os.path.exists(os.path.join(folder, n, "commit_success.txt"))
+               for n in _names(folder))
+
+
+def _names(folder: str) -> list[str]:
+    return os.listdir(folder) if os.path.isdir(folder) else []
+
+
 def read_caption_records(output: str) -> tuple[list, list[str]]:
     """Every record of every finished shard as (caption_id, caption, image bytes) and the
     temporary files left in the directory."""
@@ -184,6 +202,7 @@ class Job:
     progress: object         # output dir -> int
     contents: object         # output dir -> comparable contents
     compare: object          # (output dir, expected contents) -> list of problems
+    partial: object          # output dir -> files a kill left half-written
 
 
 # ------------------------------------------------------------------- running and killing jobs
@@ -202,6 +221,7 @@ class Attempt:
     killed: bool
     first_unit_seconds: float | None    # when the first new progress unit appeared
     log_path: str
+    partial_after_kill: int = 0         # half-written files the kill left behind
 
     def log_tail(self, lines: int = 15) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
@@ -237,7 +257,8 @@ def run_attempt(job: Job, output: str, kill: KillPoint | None, log_path: str) ->
                 raise RuntimeError(f"{' '.join(command)} ran over {RUN_TIMEOUT_SECONDS} s "
                                    f"(log: {log_path})")
             time.sleep(POLL_SECONDS)
-    return Attempt(proc.returncode, time.perf_counter() - start, killed, first_unit, log_path)
+    return Attempt(proc.returncode, time.perf_counter() - start, killed, first_unit, log_path,
+                   job.partial(output) if killed else 0)
 
 
 def pick_kill(rng: np.random.Generator, done: int, total: int, reference: Attempt) -> KillPoint:
@@ -259,6 +280,7 @@ class JobResult:
     equal: bool = True
     seconds: float = 0.0
     reference_seconds: float = 0.0
+    kills_leaving_partial_files: int = 0
     kill_points: list = dataclasses.field(default_factory=list)   # (units done, units, delay)
     problems: list = dataclasses.field(default_factory=list)
 
@@ -289,6 +311,7 @@ def exercise(job: Job, root: str, kills: int, max_kills_per_run: int, rng) -> Jo
             if attempt.killed:
                 result.kills += 1
                 result.resumes += 1
+                result.kills_leaving_partial_files += attempt.partial_after_kill > 0
                 result.kill_points.append((done, kill.units, round(kill.delay, 3)))
                 continue
             if attempt.returncode != 0:
@@ -351,7 +374,7 @@ def generate_job(model: str, captions: str) -> Job:
         f"--config.captions={captions}", f"--config.output_dir={out}",
         f"--config.images_per_caption={IMAGES_PER_CAPTION}", "--config.captions_per_shard=2",
         "--config.num_workers=2", "--config.contact_sheet_captions=4"),
-        shard_progress, lambda out: read_caption_records(out)[0], compare_records)
+        shard_progress, lambda out: read_caption_records(out)[0], compare_records, partial_shards)
 
 
 def import_job(csv_path: str, roots: list[str]) -> Job:
@@ -359,7 +382,7 @@ def import_job(csv_path: str, roots: list[str]) -> Job:
         "import_images", "configs/import_images.py", f"--config.csv={csv_path}",
         f"--config.roots={','.join(roots)}", f"--config.output_dir={out}",
         "--config.captions_per_shard=25", "--config.num_workers=2"),
-        shard_progress, lambda out: read_caption_records(out)[0], compare_records)
+        shard_progress, lambda out: read_caption_records(out)[0], compare_records, partial_shards)
 
 
 def train_job(train_files: str, steps: int) -> Job:
@@ -372,7 +395,7 @@ def train_job(train_files: str, steps: int) -> Job:
         "train", "configs/stablerep.py:tiny", f"--workdir={workdir}",
         f"--config.data.train_files={train_files}", f"--config.total_steps={steps}",
         "--config.checkpoint_every=2", "--config.log_every=1"),
-        train_progress, losses, compare_losses)
+        train_progress, losses, compare_losses, partial_checkpoints)
 
 
 def split_kills(total: int, jobs: list[str]) -> dict:
@@ -383,12 +406,13 @@ def split_kills(total: int, jobs: list[str]) -> dict:
 def print_table(results: list[JobResult], seed: int, seconds: float) -> None:
     print(f"fault injection: seed {seed}, {sum(r.kills for r in results)} SIGKILLs in all, "
           f"{seconds / 60:.1f} min")
-    print("| job | kills | resumes | completed runs compared | outputs equal | wall time "
-          "(of which the uninterrupted run) |")
-    print("|---|---|---|---|---|---|")
+    print("| job | kills | kills that left a half-written file | resumes | completed runs "
+          "compared | outputs equal | wall time (of which the uninterrupted run) |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r.job} | {r.kills} | {r.resumes} | {r.runs_compared} | "
-              f"{'yes' if r.equal else 'no'} | {r.seconds:.0f} s ({r.reference_seconds:.0f} s) |")
+        print(f"| {r.job} | {r.kills} | {r.kills_leaving_partial_files} | {r.resumes} | "
+              f"{r.runs_compared} | {'yes' if r.equal else 'no'} | {r.seconds:.0f} s "
+              f"({r.reference_seconds:.0f} s) |")
     for r in results:
         if r.kill_points:
             print(f"{r.job} kill points (units done at start, further units, delay s): "
