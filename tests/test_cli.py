@@ -101,7 +101,7 @@ def test_train_with_a_truncated_shard_exits_nonzero_promptly(tmp_path):
     code, output, _ = _run_module(
         "stablerep_jax.train", "--config=configs/stablerep.py:tiny",
         f"--config.data.train_files={pattern}", "--config.total_steps=30",
-        f"--workdir={tmp_path / 'run'}", timeout=240)
+        "--config.data.max_bad_fraction=0", f"--workdir={tmp_path / 'run'}", timeout=240)
     assert code == cli.EXIT_FAILED, output[-3000:]
     assert "fatal error" in output
 
