@@ -267,10 +267,10 @@ def eval_view(image_uint8, size: int, dtype="float32") -> tf.Tensor:
     short = eval_resize_size(size)
     new_h = tf.where(h <= w, short, short * h // w)
     new_w = tf.where(h <= w, short * w // h, short)
-    image = augment.resize(tf.cast(image_uint8, tf.float32), new_h, new_w)
+    image = augment.resize_to_unit(image_uint8, new_h, new_w)
     top, left = _round_half_even_half(new_h - size), _round_half_even_half(new_w - size)
     image = tf.slice(image, tf.stack([top, left, 0]), [size, size, 3])
-    return augment.normalize(tf.clip_by_value(image / 255.0, 0.0, 1.0), dtype)
+    return augment.normalize(image, dtype)
 
 
 def train_view_params(key, height, width) -> tuple[tf.Tensor, tf.Tensor]:
@@ -287,8 +287,7 @@ def train_view(image_uint8, size: int, key, dtype="float32") -> tf.Tensor:
     """RandomResizedCrop(size) + RandomHorizontalFlip + normalise, keyed by a stateless key."""
     shape = tf.shape(image_uint8)
     box, flip = train_view_params(key, shape[0], shape[1])
-    image = augment.resize(tf.cast(augment.crop(image_uint8, box), tf.float32), size, size)
-    image = tf.clip_by_value(image / 255.0, 0.0, 1.0)
+    image = augment.resize_to_unit(augment.crop(image_uint8, box), size, size)
     image = tf.cond(flip, lambda: augment.flip_left_right(image), lambda: image)
     return augment.normalize(tf.ensure_shape(image, [size, size, 3]), dtype)
 
