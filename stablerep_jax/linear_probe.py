@@ -487,7 +487,7 @@ def run(config, workdir: str, mesh=None) -> dict:
                                            config.shuffle_buffer)
     state = jax.device_put(init_heads(config.seed, len(lrs), encoder.width, data.num_classes),
                            parallel.replicated(mesh))
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, keep_through_step=0)   # a probe starts over: no resume
     try:
         fit = fit_heads(state, run_epoch, config.epochs,
                         make_evaluator(test_f, test_l, data.num_classes, config.use_bn, mesh),

@@ -14,6 +14,7 @@ import tensorflow as tf
 from stablerep_jax import config_utils, fileio, linear_probe, parallel
 from stablerep_jax import features as features_lib
 from stablerep_jax.data import augment, eval_data
+from stablerep_jax.metrics import read_metrics
 from stablerep_jax.models.encoder import build_model
 
 import probe_fixtures as F
@@ -455,8 +456,10 @@ def test_ram_workdir(encoder_dir, tinted, ram_dir):
     assert fileio.read_json(f"{ram_dir}/results.json") == json.loads(json.dumps(results))
     head, meta = linear_probe.load_head(f"{ram_dir}/{linear_probe.BEST_HEAD}")
     assert meta["epoch"] == results["best_epoch"] and head["kernel"].shape == (192, 6)
-    assert fileio.exists(f"{ram_dir}/metrics.jsonl")
     assert not [p for p in tf.io.gfile.listdir(ram_dir) if p.endswith(fileio.TMP_SUFFIX)]
+    # A rerun in the same workdir starts its metrics over (no steps logged twice).
+    linear_probe.run(F.probe_config(encoder_dir, tinted, epochs=4, eval_every=2), ram_dir)
+    assert [m["step"] for m in read_metrics(ram_dir)] == [1, 2, 3, 4]
 
 
 def _printed_results(output: str) -> dict:
