@@ -51,3 +51,83 @@ def test_sizing_rejects_a_bad_projection_before_measuring():
     out = _run("sizing.py", "--project", "H100", returncode=2)
     assert "--project 'H100': expected NAME=PEAK_TFLOPS" in out
     assert "matmul peak" not in out
+
+
+def _memory_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("memory_bench",
+                                                  os.path.join(REPO, "benchmarks", "memory.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_TINY = ["--variants", "tiny", "--depth", "2", "--captions", "4", "--views", "2",
+         "--image_size", "32", "--patch_size", "8", "--mlp_dim", "64", "--emb_dim", "32",
+         "--dtype", "float32", "--kinds", "stablerep"]
+
+
+@pytest.mark.slow
+def test_memory_benchmark_reports_per_device_bytes_of_the_real_step(tmp_path):
+    """Arguments per device = replicated params + this device's ZeRO-1 share of the moments +
+    its slice of the batch (computed here from the shardings); remat costs FLOPs; the table and
+    the JSON carry every row."""
+    import jax
+    import numpy as np
+
+    from stablerep_jax import parallel, train
+    memory = _memory_module()
+    args = memory._args(_TINY + ["--devices", "2", "--json", str(tmp_path / "m.json")])
+    results = memory.measure(args)
+    off, on = results["rows"]
+    assert (off["remat"], on["remat"], results["devices"]) == ("off", "on", 2)
+    config = memory.train_config(args, "stablerep", "tiny", False, 2)
+    parts = train.build_training(config, parallel.make_mesh(jax.devices()[:2]), 100, 0)
+
+    def device_bytes(abstract, sharding):
+        return np.prod(sharding.shard_shape(abstract.shape)) * abstract.dtype.itemsize
+
+    state = sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        device_bytes, parts.abstract_state, parts.shardings)))
+    batch = 4 * 2 * 32 * 32 * 3 * 4 + 4 * 4      # 4 captions x 2 float32 images, int32 labels
+    assert off["argument"] == state + batch
+    assert off["argument"] == on["argument"]
+    assert off["peak"] == off["argument"] + off["output"] - off["alias"] + off["temp"]
+    assert on["flops"] > 1.1 * off["flops"] > 0          # remat recomputes the blocks' forward
+    # A bigger per-device batch needs more temporaries, never fewer.
+    bigger = memory.measure(memory._args(_TINY + ["--devices", "2", "--captions", "16",
+                                                  "--remat", "off"]))["rows"][0]
+    assert bigger["temp"] > off["temp"]
+    text = memory.table(results)
+    assert "| ViT-tiny stablerep | on |" in text and "(+" in text
+    memory.main(_TINY + ["--devices", "2", "--remat", "off", "--json", str(tmp_path / "m.json")])
+    assert json.loads((tmp_path / "m.json").read_text())["rows"][0]["argument"] == off["argument"]
+
+
+def test_memory_fits_uses_each_chips_capacity():
+    memory = _memory_module()
+    gib = memory.GIB
+    assert memory.fits(16 * gib) == ["TPU v5e", "TPU v4", "A100/H100 80GB", "TPU v5p"]
+    assert memory.fits(16 * gib + 1) == ["TPU v4", "A100/H100 80GB", "TPU v5p"]
+    assert memory.fits(90 * gib) == ["TPU v5p"]
+    assert memory.fits(96 * gib) == []
+
+
+@pytest.mark.slow
+def test_remat_lowers_temporaries_on_the_tpu_compiler():
+    """XLA's TPU compiler keeps remat's recomputation in the backward pass (the CPU compiler
+    folds it back into the forward pass), so its temporaries must drop. Deviceless: needs the
+    libtpu wheel, not a TPU."""
+    import importlib.util
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (pip install libtpu): no TPU compiler here")
+    memory = _memory_module()
+    # Activations must outweigh the rest: 4 blocks, 65 tokens, 32 x 2 images (measured: 134 MB
+    # of temporaries without remat, 33 MB with it, for 21% more FLOPs).
+    args = memory._args(["--variants", "tiny", "--depth", "4", "--captions", "32", "--views", "2",
+                         "--image_size", "64", "--patch_size", "8", "--mlp_dim", "64",
+                         "--emb_dim", "32", "--dtype", "float32", "--kinds", "stablerep",
+                         "--tpu_topology", "v5e:2x2", "--devices", "1"])
+    off, on = memory.measure(args)["rows"]
+    assert on["temp"] < 0.5 * off["temp"], (on["temp"], off["temp"])
+    assert on["flops"] > off["flops"]
