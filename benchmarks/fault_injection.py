@@ -2,9 +2,9 @@ r"""Fault injection: SIGKILL `generate`, `import_images` and `train` at random p
 by rerunning the same command, and check that every completed output equals an uninterrupted
 run's.
 
-  python benchmarks/fault_injection.py --kills 24 --seed 0      # the README's table (>= 20 kills)
+  python benchmarks/fault_injection.py --kills 21 --seed 0     # the README's table (>= 20 kills)
   python benchmarks/fault_injection.py --jobs import_images --kills 2 --import_captions 300
-                                                                # a smoke run (tests/test_fault_injection.py)
+                                                       # the smoke run of test_fault_injection.py
 
 Each job runs through its real command line (`python -m stablerep_jax.<job> ...`) on CPU with
 one device:

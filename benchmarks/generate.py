@@ -10,9 +10,10 @@ same random weights, steps, resolution, guidance, batch and initial latents, in 
 The model is written in diffusers Flax format (tests/tiny_sd.py) and its weights converted
 into PyTorch (`tiny_sd.torch_pipeline`). Both sides get the same per-image initial latents
 (ours derive them from (seed, caption id, k)), so the printed max pixel difference also
-checks that our sampling loop computes what diffusers' PyTorch pipeline computes. Timings exclude compilation / warm-up and
-cover whole batches (text encoder, all UNet steps with classifier-free guidance, VAE decode,
-images on the host). Prints images/s of each and the ratio; nothing is asserted.
+checks that our sampling loop computes what diffusers' PyTorch pipeline computes. Timings
+exclude compilation / warm-up and cover whole batches (text encoder, all UNet steps with
+classifier-free guidance, VAE decode, images on the host). Prints images/s of each and the
+ratio; nothing is asserted.
 
 `--layouts` instead samples the same images (same captions, seeds and caption ids) with
 samplers of other batch shapes (devices x images per device), in float32 and bfloat16, and

@@ -158,14 +158,16 @@ def test_float32_images_depend_on_the_batch_shape_by_rounding_only(
 
 
 @pytest.fixture(scope="module")
-def bf16_samplers(model):
-    """bfloat16, the default dtype: 8 devices x 1 image and 1 device x 4 images."""
-    return (_sampler(model, jax.local_devices(), 1, dtype="bfloat16"),
-            _sampler(model, jax.local_devices()[:1], 4, dtype="bfloat16"))
+def bf16_wide(model):
+    """bfloat16, the default dtype: 8 devices x 1 image."""
+    return _sampler(model, jax.local_devices(), 1, dtype="bfloat16")
 
 
-def test_bfloat16_images_depend_on_the_batch_shape_within_the_stated_bound(bf16_samplers):
-    wide, deep = bf16_samplers
+@pytest.mark.slow
+def test_bfloat16_images_depend_on_the_batch_shape_within_the_stated_bound(model, bf16_wide):
+    """Two bfloat16 compilations (~40 s on 2 cores): 8 devices x 1 image vs 1 device x 4."""
+    wide = bf16_wide
+    deep = _sampler(model, jax.local_devices()[:1], 4, dtype="bfloat16")
     ids, _ = wide.tokenize(["a red cat", "a blue dog on grass", "a tree", "two boats"] * 2)
     seeds, cids = [0] * 4 + [1] * 4, [0, 1, 2, 3] * 2
     one_call = wide.sample(ids, seeds, cids)
@@ -176,9 +178,12 @@ def test_bfloat16_images_depend_on_the_batch_shape_within_the_stated_bound(bf16_
         f"max diff {diff.max()}, mean {diff.mean():.3f}")
 
 
+@pytest.mark.slow
 def test_a_bfloat16_resume_with_the_same_devices_and_batch_is_bit_exact(
-        model, captions_file, bf16_samplers, tmp_path):
-    wide = bf16_samplers[0]
+        model, captions_file, bf16_wide, tmp_path):
+    """The default dtype (float32 is pinned by the fast resume test below); one bfloat16
+    compilation, ~30 s on 2 cores."""
+    wide = bf16_wide
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     generate.run(_config(model, captions_file, whole, dtype="bfloat16"), sampler=wide)
     generate.run(_config(model, captions_file, resumed, dtype="bfloat16", stop_after_shards=1),
