@@ -9,8 +9,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from stablerep_jax.data import records
+from stablerep_jax import config_utils, fileio
+from stablerep_jax.data import pipeline, records
 from stablerep_jax.generation import toy_world as T
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _hsv(image: np.ndarray) -> np.ndarray:
@@ -175,8 +178,8 @@ def test_probe_folder_layout(tmp_path):
     info = T.write_toy_probe_folder(root, "color", train_per_class=3, test_per_class=2,
                                     image_size=32, seed=5)
     assert info == {"labels": list(T.COLORS), "train": 18, "test": 12}
-    assert sorted(os.listdir(root)) == ["test", "train"]
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+    assert sorted(os.listdir(root)) == sorted(["test", "train", T.PROBE_SETTINGS_NAME])
+    assert not [p for _, _, names in os.walk(tmp_path) for p in names if p.endswith(".tmp")]
     for split, n in (("train", 3), ("test", 2)):
         assert sorted(os.listdir(os.path.join(root, split))) == sorted(T.COLORS)
         for color in T.COLORS:
@@ -198,5 +201,70 @@ def test_probe_folder_refuses_bad_input(tmp_path):
     root = tmp_path / "full"
     root.mkdir()
     (root / "something").write_text("x")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(FileExistsError, match="not empty .no probe_settings.json"):
         T.write_toy_probe_folder(str(root), "shape", 1, 1, 16, 0)
+
+
+def test_probe_folder_rerun_returns_when_complete_and_refuses_other_settings(tmp_path):
+    root = str(tmp_path / "probe")
+    T.write_toy_probe_folder(root, "shape", 1, 1, 16, 0)
+    image = os.path.join(root, "test", "star", "00000.png")
+    os.remove(image)      # a complete folder is not re-rendered, not even a missing image
+    T.write_toy_probe_folder(root, "shape", 1, 1, 16, 0)
+    assert not os.path.exists(image)
+    settings = fileio.read_json(os.path.join(root, T.PROBE_SETTINGS_NAME))
+    fileio.write_json_atomic(os.path.join(root, T.PROBE_SETTINGS_NAME),
+                             {**settings, "complete": False})   # as a killed write leaves it
+    T.write_toy_probe_folder(root, "shape", 1, 1, 16, 0)
+    assert os.path.getsize(image) > 0
+    with pytest.raises(ValueError, match="seed: 0 -> 1"):
+        T.write_toy_probe_folder(root, "shape", 1, 1, 16, 1)
+
+
+def test_toy_data_on_a_url_is_read_back_by_train(tmp_path):
+    """The whole data set and the probe folder go through tf.io.gfile (ram:// here, gs:// in a
+    bucket): nothing lands on the local disk, and the train pipeline reads the shards."""
+    out = f"ram://toy-{os.getpid()}/data"
+    manifest = T.write_toy_dataset(out, num_captions=6, images_per_caption=2, image_size=16,
+                                   seed=3, captions_per_shard=4)
+    assert manifest["num_shards"] == 2
+    assert fileio.read_json(os.path.join(out, T.SUMMARY_NAME))["images"] == 12
+    config = config_utils.load_config(os.path.join(REPO, "configs", "stablerep.py") + ":tiny")
+    config.data.train_files = os.path.join(out, "*" + records.SHARD_SUFFIX)
+    config.data.image_size = 8
+    config.data.shuffle_buffer = 8
+    it = pipeline.make_train_iterator(config.data, batch_size=3, seed=0)
+    batch = next(it)
+    assert batch["images"].shape == (3, 2, 8, 8, 3)
+    labels = np.concatenate([batch["labels"], next(it)["labels"]]).tolist()
+    assert sorted(labels) == list(range(6))       # one epoch of 2 steps sees every caption
+
+    root = f"ram://toy-{os.getpid()}/probe"
+    T.write_toy_probe_folder(root, "size", 2, 1, 16, 0)
+    png = fileio.read_bytes(os.path.join(root, "train", "large", "00001.png"))
+    assert np.asarray(Image.open(io.BytesIO(png))).shape == (16, 16, 3)
+    assert fileio.read_json(os.path.join(root, T.PROBE_SETTINGS_NAME))["complete"] is True
+
+
+def test_toy_dataset_records_its_render_rate_like_generate(tmp_path):
+    """summary.json in generate's shape (a `runs` list), one run per call that rendered."""
+    from stablerep_jax import report
+
+    out = str(tmp_path / "data")
+    T.write_toy_dataset(out, num_captions=3, images_per_caption=2, image_size=16, seed=0,
+                        captions_per_shard=2)
+    summary = fileio.read_json(os.path.join(out, T.SUMMARY_NAME))
+    (run,) = summary["runs"]
+    assert run["images"] == 6 and run["seconds"] > 0 and run["devices"] == 1
+    assert run["images_per_s"] == pytest.approx(6 / run["seconds"])
+    os.remove(os.path.join(out, "train-00001-of-00002.tfrecord"))
+    T.write_toy_dataset(out, num_captions=3, images_per_caption=2, image_size=16, seed=0,
+                        captions_per_shard=2)
+    summary = fileio.read_json(os.path.join(out, T.SUMMARY_NAME))
+    assert [r["images"] for r in summary["runs"]] == [6, 2] and summary["images"] == 8
+    T.write_toy_dataset(out, num_captions=3, images_per_caption=2, image_size=16, seed=0,
+                        captions_per_shard=2)           # nothing rendered: no run added
+    assert len(fileio.read_json(os.path.join(out, T.SUMMARY_NAME))["runs"]) == 2
+    fig = report.throughput_figure(summary["runs"])
+    assert [p.get_height() for p in fig.axes[0].patches] == pytest.approx(
+        [r["images_per_s"] for r in summary["runs"]])

@@ -16,8 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
-import tempfile
+import time
 from typing import Sequence
 
 import numpy as np
@@ -44,6 +43,8 @@ IMAGE_FORMATS = records.IMAGE_FORMATS
 SHARD_PREFIX = "train"
 SETTINGS_NAME = "toy_settings.json"
 CAPTIONS_NAME = "captions.txt"
+SUMMARY_NAME = "summary.json"         # render throughput, in generate's summary.json shape
+PROBE_SETTINGS_NAME = "probe_settings.json"   # written first; `complete` set when all is written
 RENDERER_VERSION = 1          # bump when `render` changes what a seed draws
 
 # Object radius (circumradius) as a fraction of the image side, before per-object jitter.
@@ -317,26 +318,31 @@ def write_toy_dataset(output_dir: str, num_captions: int, images_per_caption: in
                 "num_captions": num_captions, "images_per_caption": images_per_caption,
                 "image_size": image_size, "seed": seed, "captions_per_shard": captions_per_shard,
                 "image_format": image_format}
-    os.makedirs(output_dir, exist_ok=True)
+    fileio.makedirs(output_dir)
     path = os.path.join(output_dir, SETTINGS_NAME)
     if not records.check_same_settings(path, settings):
         fileio.write_json_atomic(path, settings)
     fileio.write_text_atomic(os.path.join(output_dir, CAPTIONS_NAME), "".join(s.text + "\n" for s in specs))
 
     num_shards = -(-num_captions // captions_per_shard)
-    shards = {}
+    shards, rendered, seconds = {}, 0, 0.0
     with tqdm(total=num_captions * images_per_caption, desc="toy images", unit="img") as bar:
         for index in range(num_shards):
             first, stop = index * captions_per_shard, min(num_captions, (index + 1) * captions_per_shard)
             name = f"{SHARD_PREFIX}-{index:05d}-of-{num_shards:05d}{records.SHARD_SUFFIX}"
             shards[name] = {"captions": stop - first, "images": (stop - first) * images_per_caption,
                             "first_caption_id": first}
-            if os.path.exists(os.path.join(output_dir, name)):
+            if fileio.exists(os.path.join(output_dir, name)):
                 bar.update(shards[name]["images"])
                 continue
+            start = time.perf_counter()
             records.write_shard(os.path.join(output_dir, name),
                                 _shard_records(specs, first, stop, images_per_caption, image_size,
                                                seed, image_format, bar))
+            seconds += time.perf_counter() - start
+            rendered += shards[name]["images"]
+    if rendered:
+        _add_summary_run(output_dir, rendered, seconds, image_size)
     manifest = records.write_manifest(
         output_dir, shards, images_per_caption=images_per_caption, complete=True,
         total_captions=num_captions, image_format=image_format, save_size=image_size,
@@ -344,6 +350,25 @@ def write_toy_dataset(output_dir: str, num_captions: int, images_per_caption: in
     logging.info("toy dataset: %d captions x %d images in %s", num_captions, images_per_caption,
                  output_dir)
     return manifest
+
+
+def _add_summary_run(output_dir: str, images: int, seconds: float, image_size: int) -> dict:
+    """Appends this run's render rate to OUTPUT_DIR/summary.json in the shape generate writes
+    (a `runs` list and totals), so the demo plots the toy renderer's throughput like a real
+    generator's. The renderer is numpy + PIL in this process: one CPU core, counted as 1 device.
+    `seconds` covers render, encode and shard writing, as generate's do."""
+    path = os.path.join(output_dir, SUMMARY_NAME)
+    runs = fileio.read_json(path)["runs"] if fileio.exists(path) else []
+    rate = images / seconds if seconds > 0 else 0.0
+    runs.append({"images": images, "seconds": seconds, "images_per_s": rate,
+                 "images_per_s_per_device": rate, "devices": 1,
+                 "device_kind": "CPU core (toy renderer)", "image_size": image_size})
+    total_images = sum(r["images"] for r in runs)
+    total_seconds = sum(r["seconds"] for r in runs)
+    summary = {"generator": "toy", "runs": runs, "images": total_images, "seconds": total_seconds,
+               "images_per_s": total_images / total_seconds if total_seconds else 0.0}
+    fileio.write_json_atomic(path, summary)
+    return summary
 
 
 def _shard_records(specs, first, stop, k, image_size, seed, image_format, bar):
@@ -360,44 +385,65 @@ SPLITS = ("train", "test")
 
 def write_toy_probe_folder(root: str, attribute: str, train_per_class: int, test_per_class: int,
                            image_size: int, seed: int) -> dict:
-    """A labelled image folder `root/{train,test}/<value>/NNNNN.png` for the linear probe.
+    """A labelled image folder `root/{train,test}/<value>/NNNNN.png` for the linear probe,
+    local or on any tf.io.gfile URL.
 
     Labels are the values of `attribute`; every other attribute is drawn at random per image.
-    Built in a temporary folder and renamed, so `root` is either absent or complete. Returns
-    {"labels": [...], "train": count, "test": count}.
+    `root/probe_settings.json` is written first and marked `complete` after the last image, so
+    a rerun with the same settings returns at once when complete and otherwise renders what is
+    missing (images are deterministic); a non-empty `root` without those settings is refused.
+    Returns {"labels": [...], "train": count, "test": count}.
     """
     if attribute not in ATTRIBUTE_VALUES:
         raise ValueError(f"attribute={attribute!r}: choose one of {tuple(ATTRIBUTE_VALUES)}")
     if train_per_class < 1 or test_per_class < 1:
         raise ValueError(f"train_per_class={train_per_class}, test_per_class={test_per_class}: "
                          "both must be >= 1")
-    if os.path.exists(root) and os.listdir(root):
-        raise FileExistsError(f"{root} exists and is not empty; remove it or choose another root")
     labels = ATTRIBUTE_VALUES[attribute]
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-probe-", dir=parent)
     per_split = {"train": train_per_class, "test": test_per_class}
-    try:
-        with tqdm(total=len(labels) * (train_per_class + test_per_class), desc="probe images",
-                  unit="img") as bar:
-            for split_id, split in enumerate(SPLITS):
-                for label_id, label in enumerate(labels):
-                    directory = os.path.join(tmp, split, label)
-                    os.makedirs(directory)
-                    for i in range(per_split[split]):
+    info = {"labels": list(labels), "train": len(labels) * train_per_class,
+            "test": len(labels) * test_per_class}
+    settings = {"attribute": attribute, "train_per_class": train_per_class,
+                "test_per_class": test_per_class, "image_size": image_size, "seed": seed,
+                "renderer_version": RENDERER_VERSION}
+    settings_path = os.path.join(root, PROBE_SETTINGS_NAME)
+    previous = _probe_settings(root, settings_path, settings)
+    if previous == {**settings, "complete": True}:
+        return info
+    fileio.write_json_atomic(settings_path, {**settings, "complete": False})
+    with tqdm(total=info["train"] + info["test"], desc="probe images", unit="img") as bar:
+        for split_id, split in enumerate(SPLITS):
+            for label_id, label in enumerate(labels):
+                directory = os.path.join(root, split, label)
+                fileio.makedirs(directory)
+                for i in range(per_split[split]):
+                    path = os.path.join(directory, f"{i:05d}.png")
+                    if not fileio.exists(path):
                         rng = np.random.default_rng(image_seed(seed, 0x9B0BE, split_id, label_id, i))
                         spec = random_spec(rng, **{attribute: label})
-                        with open(os.path.join(directory, f"{i:05d}.png"), "wb") as f:
-                            f.write(records.encode_image(render(spec, rng, image_size), "png"))
-                        bar.update(1)
-        if os.path.exists(root):
-            os.rmdir(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                        fileio.write_bytes_atomic(
+                            path, records.encode_image(render(spec, rng, image_size), "png"))
+                    bar.update(1)
+    fileio.write_json_atomic(settings_path, {**settings, "complete": True})
     logging.info("probe folder %s: %d %s classes, %d train / %d test per class", root,
                  len(labels), attribute, train_per_class, test_per_class)
-    return {"labels": list(labels), "train": len(labels) * train_per_class,
-            "test": len(labels) * test_per_class}
+    return info
+
+
+def _probe_settings(root: str, settings_path: str, settings: dict) -> dict | None:
+    """The settings file of an earlier write into `root` (None when `root` is absent or empty);
+    raises when `root` holds something else, or images made with other settings (naming them)."""
+    if not fileio.exists(root) or not _listdir(root):
+        return None
+    if not fileio.exists(settings_path):
+        raise FileExistsError(f"{root} exists and is not empty (no {PROBE_SETTINGS_NAME}: not a "
+                              "toy probe folder); remove it or choose another root")
+    previous = fileio.read_json(settings_path)
+    records.check_same_settings(settings_path, {**settings, "complete": previous.get("complete")})
+    return previous
+
+
+def _listdir(path: str) -> list[str]:
+    """Entries of a local or tf.io.gfile directory (TensorFlow imported on first use)."""
+    import tensorflow as tf
+    return tf.io.gfile.listdir(path)
