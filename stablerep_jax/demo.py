@@ -14,13 +14,13 @@ import time
 import jax
 from absl import flags, logging
 
-from stablerep_jax import checkpoint, cli, config_utils, fileio, linear_probe, train
+from stablerep_jax import checkpoint, cli, fileio, linear_probe, train
 from stablerep_jax.contact_sheet import save_contact_sheet
 from stablerep_jax.data import records, shards
 from stablerep_jax.generation import toy_world
 from stablerep_jax.metrics import read_metrics
 from stablerep_jax.models.encoder import build_model
-from stablerep_jax.report import markdown_table, plot_curves
+from stablerep_jax.report import markdown_table, plot_curves, plot_probe_accuracy, plot_throughput
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -53,25 +53,32 @@ def make_data(config, workdir: str) -> str:
 
 
 def _generate_with_sd(config, data_dir: str) -> None:
-    """The toy grammar's captions, rendered by a real (or test) Stable Diffusion."""
+    """The toy grammar's captions, rendered by a real (or test) Stable Diffusion (`config.sd`)."""
     from stablerep_jax import generate
 
     if not config.model:
         raise ValueError("config.generator='sd' needs --config.model (a diffusers folder or hub id)")
-    captions_file = os.path.join(os.path.dirname(data_dir), "captions.txt")
-    specs = toy_world.sample_captions(config.num_captions, config.seed)
-    fileio.write_text_atomic(captions_file, "\n".join(s.text for s in specs) + "\n")
-    gen = config_utils.load_config(_config_file("generate.py"))
-    gen.model = config.model
-    gen.captions = captions_file
+    gen = _job_config(config, "sd", set_by_demo=("captions", "output_dir"))
+    gen.captions = os.path.join(os.path.dirname(data_dir), "captions.txt")
     gen.output_dir = data_dir
-    gen.images_per_caption = config.images_per_caption
-    gen.num_inference_steps = config.sd_steps
-    gen.resolution = config.sd_resolution
-    gen.save_size = config.stored_size
-    gen.image_format = "png"
-    gen.seed = config.seed
+    specs = toy_world.sample_captions(config.num_captions, config.seed)
+    fileio.write_text_atomic(gen.captions, "\n".join(s.text for s in specs) + "\n")
     generate.run(gen)
+
+
+def _job_config(config, name: str, set_by_demo: tuple[str, ...]):
+    """`config.<name>` with its references resolved (a plain config for the job); the fields
+    the demo fills in from its workdir must be left unset."""
+    job = config[name].copy_and_resolve_references()
+    for key in set_by_demo:
+        *parents, leaf = key.split(".")
+        node = job
+        for parent in parents:
+            node = node[parent]
+        if node[leaf] is not None:
+            raise ValueError(f"--config.{name}.{key}={node[leaf]!r}: the demo sets it from "
+                             "WORKDIR; leave it unset")
+    return job
 
 
 def samples_sheet(data_glob: str, workdir: str, rows: int = 6) -> str:
@@ -90,29 +97,10 @@ class Preempted(Exception):
     """A training stage stopped early (SIGTERM) with a checkpoint: rerun the demo to resume."""
 
 
-def train_config(config, data_glob: str, simclr: bool):
-    c = config_utils.load_config(_config_file("stablerep.py") + ":tiny")
-    c.seed = config.seed
+def train_config(config, name: str, data_glob: str):
+    """`config.train` (StableRep) or `config.simclr` pointed at the demo's data."""
+    c = _job_config(config, name, set_by_demo=("data.train_files",))
     c.data.train_files = data_glob
-    c.data.image_size = config.image_size
-    c.data.min_crop_scale = config.min_crop_scale
-    c.total_steps = config.train_steps
-    c.checkpoint_every = config.train_steps
-    c.log_every = 5
-    c.model.variant = config.width_variant
-    c.model.depth = config.depth
-    c.model.patch_size = config.patch_size
-    c.model.mlp_dim = config.mlp_dim
-    c.model.emb_dim = config.emb_dim
-    c.optim.blr = config.blr
-    c.optim.warmup_steps = max(1, config.train_steps // 10)
-    if simclr:   # same images per step: one image per caption, two crops, twice the captions
-        c.data.n_img, c.data.num_crop = 1, 2
-        c.batch_size = config.batch_size * config.n_img
-    else:
-        c.data.n_img, c.data.num_crop = config.n_img, 1
-        c.batch_size = config.batch_size
-    c.optim.lr = 0.0
     return c
 
 
@@ -135,15 +123,10 @@ def random_checkpoint(train_cfg, directory: str) -> str:
 
 
 def probe(config, checkpoint_dir: str, folder: str, workdir: str) -> dict:
-    c = config_utils.load_config(_config_file("linear_probe.py"))
+    """`config.probe` on one encoder's checkpoint and the demo's probe folder."""
+    c = _job_config(config, "probe", set_by_demo=("checkpoint", "dataset"))
     c.checkpoint = checkpoint_dir
     c.dataset = f"folder:{folder}"
-    c.epochs = config.probe_epochs
-    c.base_lrs = tuple(config.probe_base_lrs)
-    c.batch_size = config.probe_batch_size
-    c.use_bn = config.probe_use_bn
-    c.image_size = config.image_size
-    c.seed = config.seed
     return linear_probe.run(c, workdir)
 
 
@@ -151,68 +134,102 @@ def probe(config, checkpoint_dir: str, folder: str, workdir: str) -> dict:
 # The job
 
 
+RUNS = {"StableRep": "train", "SimCLR": "simclr"}     # encoder name -> its config field
+
+
+def _slug(name: str) -> str:
+    return name.lower().replace(" ", "_")
+
+
 def run(config, workdir: str) -> dict:
     start = time.time()
     fileio.makedirs(workdir)
     data_glob = make_data(config, workdir)
     sheet = samples_sheet(data_glob, workdir)
+    # Checkpoints beside the metrics unless `checkpoint_dir` says otherwise (orbax cannot write
+    # every URL a workdir may be, e.g. ram://).
+    ckpt_root = config.checkpoint_dir or workdir
 
-    encoders = {"StableRep": os.path.join(workdir, "stablerep")}
-    train_cfgs = {"StableRep": train_config(config, data_glob, simclr=False)}
-    if config.train_simclr:
-        encoders["SimCLR"] = os.path.join(workdir, "simclr")
-        train_cfgs["SimCLR"] = train_config(config, data_glob, simclr=True)
+    names = ["StableRep"] + (["SimCLR"] if config.train_simclr else [])
+    run_dirs = {name: os.path.join(workdir, _slug(name)) for name in names}
+    encoders = {name: os.path.join(ckpt_root, _slug(name)) for name in names}
+    train_cfgs = {name: train_config(config, RUNS[name], data_glob) for name in names}
     for name, cfg in train_cfgs.items():
         logging.info("training %s (%d steps)", name, cfg.total_steps)
-        result = train.train_and_evaluate(cfg, encoders[name])
+        result = train.train_and_evaluate(cfg, run_dirs[name], checkpoint_workdir=encoders[name])
         if result.preempted:   # never go on to probe a half-trained encoder
             raise Preempted(f"training {name} stopped by SIGTERM at step {result.step} of "
                             f"{result.total_steps}; rerun the same command to resume")
     encoders["random init"] = random_checkpoint(train_cfgs["StableRep"],
-                                                os.path.join(workdir, "random_init"))
+                                                os.path.join(ckpt_root, "random_init"))
 
     folder = os.path.join(workdir, f"probe_{config.probe_attribute}")
-    if not fileio.exists(os.path.join(folder, "test")):
-        toy_world.write_toy_probe_folder(
-            folder, attribute=config.probe_attribute,
-            train_per_class=config.probe_train_per_class,
-            test_per_class=config.probe_test_per_class, image_size=config.stored_size,
-            seed=config.seed + 1)
-    results = {name: probe(config, path, folder, os.path.join(workdir, "probe", name.replace(" ", "_")))
+    toy_world.write_toy_probe_folder(
+        folder, attribute=config.probe_attribute, train_per_class=config.probe_train_per_class,
+        test_per_class=config.probe_test_per_class, image_size=config.stored_size,
+        seed=config.seed + 1)
+    results = {name: probe(config, path, folder, os.path.join(workdir, "probe", _slug(name)))
                for name, path in encoders.items()}
 
-    curves = {name: [(m["step"], m["loss"]) for m in read_metrics(encoders[name])]
-              for name in train_cfgs}
-    curve_png = plot_curves(os.path.join(workdir, "loss_curves.png"), curves,
-                            title="training loss (each is its own objective)")
+    figures = _figures(config, workdir, run_dirs, results)
     summary = {
         "generator": config.generator,
         "probe_attribute": config.probe_attribute,
+        "probe_mode": config.probe.mode,
         "probe_top1_trained": results["StableRep"]["best_top1"],
         "probe_top1_random": results["random init"]["best_top1"],
         "probe_top1_simclr": results["SimCLR"]["best_top1"] if "SimCLR" in results else None,
         "probe": {name: {"best_top1": r["best_top1"], "best_lr": r["best_lr"]}
                   for name, r in results.items()},
-        "train_steps": config.train_steps,
-        "images_per_step": config.batch_size * config.n_img,
+        "train_steps": config.train.total_steps,
+        "images_per_step": _images_per_step(train_cfgs["StableRep"]),
+        "figures": {key: os.path.basename(path) for key, path in figures.items()},
         "seconds": round(time.time() - start, 1),
     }
     fileio.write_json_atomic(os.path.join(workdir, "demo_results.json"), summary)
-    _write_report(workdir, config, summary, sheet, curve_png)
+    _write_report(workdir, config, summary, sheet, figures)
     _print_table(summary)
     return summary
 
 
-def _write_report(workdir, config, summary, sheet, curve_png) -> None:
+def _images_per_step(cfg) -> int:
+    return cfg.batch_size * cfg.data.n_img * cfg.data.num_crop
+
+
+def _figures(config, workdir: str, run_dirs: dict, results: dict) -> dict:
+    """The report's PNGs: loss curves, probe top-1 per lr for each encoder, and the
+    generator's throughput when it wrote a summary.json (generate and the toy renderer do)."""
+    curves = {name: [(m["step"], m["loss"]) for m in read_metrics(path)]
+              for name, path in run_dirs.items()}
+    figures = {"loss curves": plot_curves(os.path.join(workdir, "loss_curves.png"), curves,
+                                          title="training loss (each is its own objective)")}
+    for name, r in results.items():
+        figures[f"probe {name}"] = plot_probe_accuracy(
+            os.path.join(workdir, f"probe_{_slug(name)}.png"), r,
+            title=f"{name}: linear probe on {config.probe_attribute} ({r['mode']})")
+    summary_path = os.path.join(workdir, "data", toy_world.SUMMARY_NAME)
+    if fileio.exists(summary_path):
+        figures["generation throughput"] = plot_throughput(
+            os.path.join(workdir, "generation_throughput.png"),
+            fileio.read_json(summary_path)["runs"],
+            title=f"generation throughput ({config.generator} generator)")
+    return figures
+
+
+def _write_report(workdir, config, summary, sheet, figures) -> None:
     rows = [(name, f"{r['best_top1']:.1%}", r["best_lr"]) for name, r in summary["probe"].items()]
-    chance = 1.0 / len(toy_world.ATTRIBUTE_VALUES[config.probe_attribute])
+    classes = len(toy_world.ATTRIBUTE_VALUES[config.probe_attribute])
+    probe_figures = "\n\n".join(f"![{key}]({os.path.basename(path)})"
+                                  for key, path in figures.items() if key.startswith("probe "))
+    throughput = figures.get("generation throughput")
     text = f"""# StableRep demo
 
 Generator: `{config.generator}`; {config.num_captions} captions x {config.images_per_caption} images
-at {config.stored_size}px; {config.train_steps} training steps of {summary['images_per_step']}
+at {config.stored_size}px; {config.train.total_steps} training steps of {summary['images_per_step']}
 images each (same budget for StableRep and SimCLR). Probe: classify held-out renders by
-**{config.probe_attribute}** ({len(toy_world.ATTRIBUTE_VALUES[config.probe_attribute])} classes,
-chance {chance:.1%}) with a linear classifier on frozen CLS features. Wall time {summary['seconds']} s.
+**{config.probe_attribute}** ({classes} classes, chance {1.0 / classes:.1%}) with a linear
+classifier on frozen CLS features ({config.probe.mode}; {config.probe.epochs} epochs, the best
+over {len(config.probe.base_lrs)} base lrs). Wall time {summary['seconds']} s.
 
 {markdown_table(["encoder", "probe top-1", "best lr"], rows)}
 
@@ -222,7 +239,17 @@ chance {chance:.1%}) with a linear classifier on frozen CLS features. Wall time 
 
 ## Training loss
 
-![loss curves]({os.path.basename(curve_png)})
+![loss curves]({os.path.basename(figures["loss curves"])})
+
+## Linear probe: test top-1 per base learning rate
+
+{probe_figures}
+"""
+    if throughput:
+        text += f"""
+## Generation throughput
+
+![generation throughput]({os.path.basename(throughput)})
 """
     fileio.write_text_atomic(os.path.join(workdir, "report.md"), text)
 

@@ -1,61 +1,157 @@
-"""The demo runs the whole chain end to end at a reduced size and leaves its files."""
+"""The demo: its config nests the configs of the jobs it runs (overrides reach the runs, a wrong
+key is named), it runs the chain end to end at a reduced size, and its report links figures."""
 import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
+from PIL import Image
 
-from stablerep_jax import config_utils, demo
+from stablerep_jax import cli, config_utils, demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(REPO, "configs", "demo.py")
+
+
+def _config(preset="test"):
+    return config_utils.load_config(f"{DEMO_CONFIG}:{preset}")
+
+
+def _python_env():
+    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+def test_train_and_probe_configs_are_the_jobs_own():
+    """Every key of the train and probe job configs is there, so any is one override away."""
+    c = _config("default")
+    train_keys = set(config_utils.load_config(
+        os.path.join(REPO, "configs", "stablerep.py") + ":tiny").to_dict())
+    probe_keys = set(config_utils.load_config(
+        os.path.join(REPO, "configs", "linear_probe.py") + ":folder").to_dict())
+    assert set(c.train.to_dict()) == set(c.simclr.to_dict()) == train_keys
+    assert set(c.probe.to_dict()) == probe_keys
+    assert c.probe.mode == "cached_features"
+    job = demo.train_config(c, "train", "/data/*.tfrecord")
+    assert job.data.train_files == "/data/*.tfrecord" and job.total_steps == 300
+
+
+def test_simclr_follows_train_except_its_views_and_its_own_overrides():
+    c = _config("default")
+    config_utils.apply_overrides(c, {"train.model.depth": 3, "train.total_steps": 50,
+                                     "train.data.n_img": 3, "simclr.optim.blr": 5e-3,
+                                     "seed": 7})
+    simclr = demo.train_config(c, "simclr", "g")
+    stablerep = demo.train_config(c, "train", "g")
+    assert simclr.model.depth == stablerep.model.depth == 3
+    assert simclr.total_steps == simclr.checkpoint_every == 50
+    assert simclr.optim.warmup_steps == stablerep.optim.warmup_steps == 5
+    assert (simclr.data.n_img, simclr.data.num_crop) == (1, 2)
+    assert simclr.batch_size == stablerep.batch_size * 3      # same images per step
+    assert simclr.optim.blr == 5e-3 and stablerep.optim.blr == 1.5e-3
+    assert simclr.seed == stablerep.seed == c.probe.seed == c.sd.seed == 7
+
+
+def test_fields_the_demo_sets_must_stay_unset():
+    c = _config()
+    c.train.data.train_files = "/elsewhere/*.tfrecord"
+    with pytest.raises(ValueError, match=r"--config.train.data.train_files='/elsewhere"):
+        demo.train_config(c, "train", "g")
+    c = _config()
+    c.probe.checkpoint = "/ckpt"
+    with pytest.raises(ValueError, match="--config.probe.checkpoint='/ckpt'"):
+        demo.probe(c, "/x", "/folder", "/w")
+
+
+def test_a_wrong_nested_key_stops_the_demo_naming_it(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "stablerep_jax.demo", "--config=configs/demo.py:test",
+         "--config.train.model.dept=4", f"--workdir={tmp_path}"],
+        capture_output=True, text=True, cwd=REPO, env=_python_env(), timeout=300)
+    assert proc.returncode == cli.EXIT_USAGE, proc.stderr[-2000:]
+    assert "unknown config key 'train.model.dept'" in proc.stderr
+    assert not os.listdir(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# End to end
+
+
+def _linked_pngs(report: str, directory) -> list[str]:
+    names = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    for name in names:
+        with Image.open(os.path.join(directory, name)) as image:
+            assert image.format == "PNG", name
+            image.load()                     # decodes the whole file
+            assert min(image.size) >= 100, (name, image.size)
+    return names
 
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     """With a relative --workdir, as the README's quick start runs it (orbax wants absolute
     checkpoint paths; the demo once failed there)."""
-    config = config_utils.load_config(os.path.join(REPO, "configs", "demo.py") + ":test")
+    config = _config()
     monkeypatch.chdir(tmp_path)
     summary = demo.run(config, "stablerep_demo")
     out = tmp_path / "stablerep_demo"
-    for name in ("report.md", "demo_results.json", "contact_sheet.png", "loss_curves.png"):
-        assert os.path.getsize(out / name) > 0, name
     saved = json.loads((out / "demo_results.json").read_text())
     assert saved == json.loads(json.dumps(summary))
-    for key in ("probe_top1_trained", "probe_top1_random", "probe_top1_simclr"):
-        assert 0.0 <= saved[key] <= 1.0
     # Background pattern, 5 classes, 60 held-out renders; every seed is fixed, so this is a
-    # deterministic check. Measured here: StableRep 26.7%, random init 18.3% (chance 20%).
-    # The margin asked for is 5 points, i.e. 3 more correct test images than the random encoder.
+    # deterministic check. The margin asked for is 5 points, i.e. 3 more correct test images
+    # than the random encoder.
     assert saved["probe_top1_trained"] >= saved["probe_top1_random"] + 0.05
+    assert saved["probe_mode"] == "cached_features"
+    # Every encoder's best lr lies inside the grid, not at an end of it.
+    lrs = sorted(config.probe.base_lrs)
+    for name, r in saved["probe"].items():
+        assert lrs[0] < r["best_lr"] < lrs[-1], (name, r["best_lr"])
+
+    # The report links the contact sheet, the loss curves, a probe plot per encoder and the
+    # toy renderer's throughput: each a PNG that decodes.
     report = (out / "report.md").read_text()
-    assert "StableRep" in report and "SimCLR" in report and "random init" in report
+    linked = _linked_pngs(report, out)
+    assert set(linked) == {"contact_sheet.png", "loss_curves.png", "probe_stablerep.png",
+                           "probe_simclr.png", "probe_random_init.png",
+                           "generation_throughput.png"}
+    assert set(saved["figures"].values()) == set(linked) - {"contact_sheet.png"}
+    for name in ("StableRep", "SimCLR", "random init"):
+        assert f"| {name} | {saved['probe'][name]['best_top1']:.1%} |" in report
+    runs = json.loads((out / "data" / "summary.json").read_text())["runs"]
+    assert [r["images"] for r in runs] == [config.num_captions * config.images_per_caption]
+
     # Training really ran and logged a falling loss curve for both objectives.
     for run in ("stablerep", "simclr"):
         lines = (out / run / "metrics.jsonl").read_text().splitlines()
         losses = [json.loads(line)["loss"] for line in lines]
-        assert len(losses) == config.train_steps // 5
+        assert len(losses) == config.train.total_steps // config.train.log_every
         assert sum(losses[-3:]) < sum(losses[:3])
     # A rerun reuses data and checkpoints (train resumes at its final step: no new steps).
     again = demo.run(config, "stablerep_demo")
     assert again["probe_top1_trained"] == summary["probe_top1_trained"]
+    assert len(json.loads((out / "data" / "summary.json").read_text())["runs"]) == 1
 
 
 @pytest.mark.slow
 def test_demo_stops_on_sigterm_without_probing(tmp_path):
     """`python -m stablerep_jax.demo`, SIGTERM while it trains: exit code 75 (resume), and
-    neither the second encoder nor any probe of the half-trained one runs."""
+    neither the second encoder nor any probe of the half-trained one runs. The nested flags
+    reach the run: the saved StableRep encoder has the depth asked for."""
     import signal
-    import subprocess
-    import sys
     import time
 
-    from stablerep_jax import cli
+    from stablerep_jax import checkpoint
 
     command = [sys.executable, "-m", "stablerep_jax.demo", "--config=configs/demo.py:test",
-               "--config.train_steps=5000", f"--workdir={tmp_path}"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+               "--config.train.total_steps=5000", "--config.train.model.depth=1",
+               f"--workdir={tmp_path}"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=REPO, env=env)
+                            cwd=REPO, env=_python_env())
     metrics = tmp_path / "stablerep" / "metrics.jsonl"
     deadline = time.monotonic() + 400
     while not (metrics.exists() and metrics.read_text().strip()):
@@ -68,4 +164,13 @@ def test_demo_stops_on_sigterm_without_probing(tmp_path):
     assert not (tmp_path / "simclr").exists()
     assert not (tmp_path / "probe").exists()
     assert not (tmp_path / "demo_results.json").exists()
-    assert os.listdir(tmp_path / "stablerep" / "checkpoints")   # saved, to resume from
+    params, _, model_config = checkpoint.load_model(str(tmp_path / "stablerep"))
+    assert model_config["depth"] == 1
+    assert {key for key in _keys(params) if key.startswith("blocks_")} == {"blocks_0"}
+
+
+def _keys(tree) -> set:
+    """Every key of a nested dict, at any depth."""
+    if not isinstance(tree, dict):
+        return set()
+    return set(tree).union(*(_keys(value) for value in tree.values()))
