@@ -31,6 +31,7 @@ setup(
         "tpu": ["jax[tpu]"],
         "cuda12": ["jax[cuda12]"],
         "torch": ["torch>=2.1"],
-        "test": ["pytest>=7", "pytest-timeout", "torch>=2.1", "torchvision", "timm>=0.9"],
+        "test": ["pytest>=7", "pytest-timeout", "torch>=2.1", "torchvision", "timm>=0.9",
+                 "skypilot>=0.14"],     # tests load launch/*.yaml with sky.Task
     },
 )
