@@ -10,7 +10,7 @@ import tensorflow as tf
 from PIL import Image
 
 from stablerep_jax import config_utils, fileio
-from stablerep_jax.data import pipeline, records
+from stablerep_jax.data import pipeline, records, shard_plan
 from stablerep_jax.generation import toy_world as T
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +133,10 @@ def test_toy_dataset_records_follow_the_schema(tmp_path):
     assert not [f for f in os.listdir(out) if f.endswith(records.TMP_SUFFIX)]
 
     recs = [r for f in files for r in records.read_records(os.path.join(out, f))]
-    assert [r.caption_id for r in recs] == list(range(5))
+    # Shards hold generate's seeded permutation of the captions, not runs of them.
+    assert [r.caption_id for r in recs] == np.concatenate(shard_plan.shard_slices(5, 2)).tolist()
+    assert shard_plan.is_permuted(manifest)
+    recs.sort(key=lambda r: r.caption_id)
     assert [r.caption for r in recs] == [s.text for s in T.sample_captions(5, 11)]
     with open(os.path.join(out, T.CAPTIONS_NAME), encoding="utf-8") as f:
         assert f.read().splitlines() == [r.caption for r in recs]
@@ -147,7 +150,7 @@ def test_toy_dataset_records_follow_the_schema(tmp_path):
     # The tf.data parser that `train` uses reads the same records.
     ds = tf.data.TFRecordDataset([os.path.join(out, files[0])]).map(records.parse_example)
     first = next(iter(ds))
-    assert first["caption"].numpy().decode() == recs[0].caption
+    assert first["caption"].numpy().decode() == recs[int(first["caption_id"])].caption
     assert first["images"].shape == (3,)
     assert tf.io.decode_png(first["images"][0]).shape == (24, 24, 3)
 

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from stablerep_jax import fileio
-from stablerep_jax.data import records
+from stablerep_jax.data import records, shard_plan
 
 COUNT_WORDS = ("one", "two", "three")
 SIZES = ("small", "large")
@@ -304,7 +304,8 @@ def write_toy_dataset(output_dir: str, num_captions: int, images_per_caption: in
                       image_size: int, seed: int, captions_per_shard: int = 256,
                       image_format: str = "png") -> dict:
     """Renders `images_per_caption` images of `num_captions` sampled captions into TFRecord
-    shards (the `records` schema, seeds recorded), `captions.txt` and `manifest.json`.
+    shards (the `records` schema, seeds recorded), `captions.txt` and `manifest.json`. Shard S
+    holds the captions `shard_plan` assigns it (a seeded permutation, as generate writes).
 
     Shards are atomic; a rerun with the same settings keeps finished shards. Returns the manifest.
     """
@@ -317,36 +318,35 @@ def write_toy_dataset(output_dir: str, num_captions: int, images_per_caption: in
     settings = {"generator": "toy", "renderer_version": RENDERER_VERSION,
                 "num_captions": num_captions, "images_per_caption": images_per_caption,
                 "image_size": image_size, "seed": seed, "captions_per_shard": captions_per_shard,
-                "image_format": image_format}
+                "image_format": image_format, shard_plan.ORDER_KEY: shard_plan.order_info()}
     fileio.makedirs(output_dir)
     path = os.path.join(output_dir, SETTINGS_NAME)
     if not records.check_same_settings(path, settings):
         fileio.write_json_atomic(path, settings)
     fileio.write_text_atomic(os.path.join(output_dir, CAPTIONS_NAME), "".join(s.text + "\n" for s in specs))
 
-    num_shards = -(-num_captions // captions_per_shard)
+    slices = shard_plan.shard_slices(num_captions, captions_per_shard)
     shards, rendered, seconds = {}, 0, 0.0
     with tqdm(total=num_captions * images_per_caption, desc="toy images", unit="img") as bar:
-        for index in range(num_shards):
-            first, stop = index * captions_per_shard, min(num_captions, (index + 1) * captions_per_shard)
-            name = f"{SHARD_PREFIX}-{index:05d}-of-{num_shards:05d}{records.SHARD_SUFFIX}"
-            shards[name] = {"captions": stop - first, "images": (stop - first) * images_per_caption,
-                            "first_caption_id": first}
+        for index, ids in enumerate(slices):
+            name = f"{SHARD_PREFIX}-{index:05d}-of-{len(slices):05d}{records.SHARD_SUFFIX}"
+            shards[name] = {"captions": len(ids), "images": len(ids) * images_per_caption}
             if fileio.exists(os.path.join(output_dir, name)):
                 bar.update(shards[name]["images"])
                 continue
             start = time.perf_counter()
             records.write_shard(os.path.join(output_dir, name),
-                                _shard_records(specs, first, stop, images_per_caption, image_size,
-                                               seed, image_format, bar))
+                                _shard_records(specs, ids.tolist(), images_per_caption,
+                                               image_size, seed, image_format, bar))
             seconds += time.perf_counter() - start
             rendered += shards[name]["images"]
     if rendered:
         _add_summary_run(output_dir, rendered, seconds, image_size)
     manifest = records.write_manifest(
         output_dir, shards, images_per_caption=images_per_caption, complete=True,
-        total_captions=num_captions, image_format=image_format, save_size=image_size,
-        settings=settings)
+        total_captions=num_captions, num_caption_ids=num_captions, image_format=image_format,
+        save_size=image_size, settings=settings,
+        **{shard_plan.ORDER_KEY: shard_plan.order_info()})
     logging.info("toy dataset: %d captions x %d images in %s", num_captions, images_per_caption,
                  output_dir)
     return manifest
@@ -371,8 +371,8 @@ def _add_summary_run(output_dir: str, images: int, seconds: float, image_size: i
     return summary
 
 
-def _shard_records(specs, first, stop, k, image_size, seed, image_format, bar):
-    for cid in range(first, stop):
+def _shard_records(specs, caption_ids, k, image_size, seed, image_format, bar):
+    for cid in caption_ids:
         seeds = [image_seed(seed, cid, j) for j in range(k)]
         images = [records.encode_image(render_seeded(specs[cid], s, image_size), image_format) for s in seeds]
         bar.update(k)
