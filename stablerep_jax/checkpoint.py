@@ -1,17 +1,29 @@
-"""Checkpoint layout shared by `train`, `convert` and `linear_probe`.
+"""Checkpoints of `train`, `convert` and `linear_probe`: one layout, read through orbax's public
+`CheckpointManager` API.
 
-An orbax `CheckpointManager` directory `DIR/checkpoints/<step>/` with one composite item per
-concern. The model part, written by both `convert` and `train`, is:
+Layout. A job's checkpoints live in WORKDIR/checkpoints, an orbax `CheckpointManager`
+directory with one composite checkpoint per step (WORKDIR/checkpoints/<step>/<item>). The model
+part, written by both `convert` (step 0) and `train`, is the items
 
   params        StandardSave of the Flax params tree (float32)
   batch_stats   StandardSave of the BatchNorm running statistics (absent when the tree is empty)
   model_config  JsonSave of the train config's `model` fields plus `image_size`
 
-`train` adds its own items (optimizer state, step, ...) to the same step directories; the model
-loader restores only the items above, as host numpy arrays, so it works on any device layout.
+`train` adds `opt_state` and `meta` to the same steps (`TrainCheckpointer`). Which steps are
+finished is the manager's answer (`all_steps`): a step a kill left half-written is never read.
+
+Paths. Readers (`load_model`, `resolve_step_dir`) take WORKDIR. They also take the two paths
+inside it that jobs print, recognised by their names alone (no files are inspected to guess):
+a path whose last part is `checkpoints` is the manager directory itself, and
+`.../checkpoints/<digits>` is that step. Any other path is a WORKDIR (so a WORKDIR must not
+itself be named `checkpoints`).
+
+The probe's best head is one .npz beside these (`save_probe_head` / `load_probe_head`).
 """
 from __future__ import annotations
 
+import io
+import json
 import os
 from typing import Any, Optional
 
@@ -27,6 +39,8 @@ CHECKPOINTS_SUBDIR = "checkpoints"
 PARAMS = "params"
 BATCH_STATS = "batch_stats"
 MODEL_CONFIG = "model_config"
+OPT_STATE = "opt_state"
+META = "meta"
 
 
 def _absolute(path) -> epath.Path:
@@ -37,7 +51,7 @@ def _absolute(path) -> epath.Path:
 
 
 def checkpoints_dir(directory) -> epath.Path:
-    """DIR -> DIR/checkpoints, the manager directory (absolute, see `_absolute`)."""
+    """WORKDIR -> WORKDIR/checkpoints, the manager directory (absolute, see `_absolute`)."""
     return _absolute(directory) / CHECKPOINTS_SUBDIR
 
 
@@ -51,90 +65,138 @@ def model_save_args(params, batch_stats, model_config: dict) -> dict:
 
 
 def save_model(directory, step: int, params, batch_stats, model_config: dict) -> epath.Path:
-    """Writes params, BN statistics and the model config as step `step` of DIR/checkpoints.
+    """Writes params, BN statistics and the model config as step `step` of WORKDIR/checkpoints.
 
     Every process must call it (orbax coordinates multi-host writes). Returns the step directory.
     """
     if "image_size" not in model_config:
         raise ValueError("model_config must carry 'image_size' (the ViT's input size)")
-    manager = ocp.CheckpointManager(checkpoints_dir(directory),
-                                    options=ocp.CheckpointManagerOptions(create=True))
-    try:
+    options = ocp.CheckpointManagerOptions(create=True)
+    with ocp.CheckpointManager(checkpoints_dir(directory), options=options) as manager:
         manager.save(step, args=ocp.args.Composite(
             **model_save_args(params, batch_stats, model_config)))
         manager.wait_until_finished()
-    finally:
-        manager.close()
     step_dir = checkpoints_dir(directory) / str(step)
     logging.info("saved model checkpoint %s", step_dir)
     return step_dir
 
 
-def resolve_step_dir(path, step: Optional[int] = None) -> epath.Path:
-    """DIR, DIR/checkpoints or DIR/checkpoints/<step> -> the step directory to read.
+# --------------------------------------------------------------------------------------------
+# Reading
 
-    Without `step` (and without a step in the path) the latest finished step is used. Raises
-    FileNotFoundError naming the path when no checkpoint is there.
-    """
+
+def locate(path, step: Optional[int] = None) -> tuple[epath.Path, Optional[int]]:
+    """(manager directory, step or None for the latest) that `path` names, by the path rule of
+    the module docstring. A step in the path and a different `step` argument is an error."""
     path = _absolute(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    if path.name.isdigit() and (path / MODEL_CONFIG).exists():
-        if step is not None and int(path.name) != step:
+    if path.name.isdigit() and path.parent.name == CHECKPOINTS_SUBDIR:
+        if step is not None and int(path.name) != int(step):
             raise ValueError(f"{path} is step {path.name}, but step={step} was asked for")
-        return path
-    manager_dir = path if not (path / CHECKPOINTS_SUBDIR).exists() else path / CHECKPOINTS_SUBDIR
-    steps = sorted(int(p.name) for p in manager_dir.iterdir()
-                   if p.name.isdigit() and (p / MODEL_CONFIG).exists() and _is_finished(p))
+        return path.parent, int(path.name)
+    if path.name == CHECKPOINTS_SUBDIR:
+        return path, step
+    return path / CHECKPOINTS_SUBDIR, step
+
+
+def _reader(manager_dir: epath.Path) -> ocp.CheckpointManager:
+    """A read-only manager that knows every item this package writes (so its metadata can be
+    read without warnings about unknown items). Read-only: a probe may run beside training."""
+    handlers = {PARAMS: ocp.PyTreeCheckpointHandler(), BATCH_STATS: ocp.PyTreeCheckpointHandler(),
+                OPT_STATE: ocp.PyTreeCheckpointHandler(), MODEL_CONFIG: ocp.JsonCheckpointHandler(),
+                META: ocp.JsonCheckpointHandler()}
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0)
+    return ocp.CheckpointManager(manager_dir, options=options, item_handlers=handlers)
+
+
+def _finished(manager: ocp.CheckpointManager) -> list[int]:
+    """The manager's finished steps, ascending (orbax leaves out a step still being written or
+    left half-written by a kill: it lives under a temporary name until it is complete)."""
+    return sorted(int(s) for s in manager.all_steps())
+
+
+def finished_steps(path) -> list[int]:
+    """The finished steps (ascending) of the checkpoints `path` names; [] when there are none."""
+    manager_dir, _ = locate(path)
+    if not manager_dir.exists():
+        return []
+    with _reader(manager_dir) as manager:
+        return _finished(manager)
+
+
+def _open(path, step: Optional[int]) -> tuple[ocp.CheckpointManager, int]:
+    """(reader, step to read) for `path` and `step` (see `resolve_step`); the caller closes it."""
+    manager_dir, step = locate(path, step)
+    if not manager_dir.exists():
+        if not _absolute(path).exists():
+            raise FileNotFoundError(f"checkpoint path {_absolute(path)} does not exist")
+        raise FileNotFoundError(f"no finished checkpoint in {manager_dir} (no such directory)")
+    manager = _reader(manager_dir)
+    try:
+        return manager, _pick_step(_finished(manager), manager_dir, step)
+    except FileNotFoundError:
+        manager.close()
+        raise
+
+
+def _pick_step(steps: list[int], manager_dir: epath.Path, step: Optional[int]) -> int:
+    """`step` if it is among the finished `steps`, else the latest; errors say what is there."""
     if not steps:
-        raise FileNotFoundError(f"no model checkpoint in {path} (expected "
-                                f"{CHECKPOINTS_SUBDIR}/<step>/{MODEL_CONFIG})")
+        raise FileNotFoundError(f"no finished checkpoint in {manager_dir} (expected "
+                                f"<step>/{PARAMS} there, written by train or convert)")
     if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise FileNotFoundError(f"no step {step} in {manager_dir}; steps there: {steps}")
+        return steps[-1]
+    if int(step) not in steps:
+        raise FileNotFoundError(f"no step {step} in {manager_dir}; finished steps there: {steps}")
+    return int(step)
+
+
+def resolve_step(path, step: Optional[int] = None) -> tuple[epath.Path, int]:
+    """(manager directory, step) to read: `step`, the step in the path, or the latest finished.
+
+    FileNotFoundError names the path when it holds no finished checkpoint, and lists the steps
+    that are there when the asked-for step is not one of them.
+    """
+    manager, step = _open(path, step)
+    with manager:
+        return epath.Path(manager.directory), step
+
+
+def resolve_step_dir(path, step: Optional[int] = None) -> epath.Path:
+    """The directory of the step `resolve_step` picks (for messages and existence checks)."""
+    manager_dir, step = resolve_step(path, step)
     return manager_dir / str(step)
 
 
-def _is_finished(step_dir: epath.Path) -> bool:
-    """orbax writes to a temporary name and renames; a finished step has its metadata file."""
-    return any((step_dir / name).exists()
-               for name in ("_CHECKPOINT_METADATA", "commit_success.txt"))
-
-
-def _restore_numpy(item_dir: epath.Path) -> Any:
-    """Restores one StandardSave item as a tree of host numpy arrays (no device placement).
-
-    Reads through the item's handler directly: the step-level metadata belongs to the manager.
-    """
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-        tree = handler.metadata(item_dir).tree
-        # Flax trees are nested dicts; metadata entries may themselves be pytrees.
-        restore_args = jax.tree_util.tree_map(
-            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
-            is_leaf=lambda x: not isinstance(x, dict))
-        return handler.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    finally:
-        handler.close()
+def _numpy_restore(tree_metadata) -> ocp.args.PyTreeRestore:
+    """Restore args that bring every array of a saved tree back as host numpy (no device
+    placement, so any device layout, or none, can read a checkpoint)."""
+    restore_args = jax.tree_util.tree_map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_metadata.tree,
+        is_leaf=lambda x: not isinstance(x, dict))   # Flax trees are nested dicts
+    return ocp.args.PyTreeRestore(restore_args=restore_args)
 
 
 def load_model(path, step: Optional[int] = None) -> tuple[Any, Any, dict]:
     """Reads (params, batch_stats, model_config) of a `train` or `convert` checkpoint.
 
-    `path` may be DIR, DIR/checkpoints or DIR/checkpoints/<step>; the latest step when `step` is
-    not given. Arrays come back as numpy; `batch_stats` is {} when the checkpoint has none.
+    `path`: see the module docstring; the latest finished step unless `step` is given (or is
+    in the path). Arrays come back as numpy; `batch_stats` is {} when the checkpoint has none.
     """
-    step_dir = resolve_step_dir(path, step)
-    if not (step_dir / PARAMS).exists():
-        raise FileNotFoundError(f"{step_dir} has no {PARAMS!r} item")
-    model_config = ocp.JsonCheckpointHandler().restore(step_dir / MODEL_CONFIG)
-    params = _restore_numpy(step_dir / PARAMS)
-    batch_stats = {}
-    if (step_dir / BATCH_STATS).exists():
-        batch_stats = _restore_numpy(step_dir / BATCH_STATS)
+    manager, step = _open(path, step)
+    step_dir = epath.Path(manager.directory) / str(step)
+    with manager:
+        items = manager.metadata(step).item_metadata
+        missing = [name for name in (PARAMS, MODEL_CONFIG) if name not in items]
+        if missing:
+            raise FileNotFoundError(f"{step_dir} has no {' or '.join(missing)} "
+                                    f"item (items there: {sorted(items)})")
+        wanted = {PARAMS: _numpy_restore(items[PARAMS]), MODEL_CONFIG: ocp.args.JsonRestore()}
+        if BATCH_STATS in items:
+            wanted[BATCH_STATS] = _numpy_restore(items[BATCH_STATS])
+        restored = manager.restore(step, args=ocp.args.Composite(**wanted))
     logging.info("loaded model checkpoint %s", step_dir)
-    return params, batch_stats, dict(model_config)
+    batch_stats = restored[BATCH_STATS] if BATCH_STATS in wanted else {}
+    return restored[PARAMS], batch_stats, dict(restored[MODEL_CONFIG])
 
 
 def merge_matching(target, source, source_name: str = "checkpoint", allow_missing: bool = False):
@@ -196,9 +258,6 @@ def _json_ready(value):
         return value.item()
     return value
 
-
-OPT_STATE = "opt_state"
-META = "meta"
 
 
 class TrainCheckpointer:
@@ -264,3 +323,22 @@ class TrainCheckpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The probe's best head
+
+
+def save_probe_head(path: str, head: dict, meta: dict) -> str:
+    """One .npz holding a linear head's arrays and its JSON `meta` (under the key `meta_json`),
+    written atomically through `fileio` (local path, gs://, ram://). Returns `path`."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **head, meta_json=np.array(json.dumps(meta, sort_keys=True)))
+    return fileio.write_bytes_atomic(path, buffer.getvalue())
+
+
+def load_probe_head(path: str) -> tuple[dict, dict]:
+    """(head arrays, meta) of a `save_probe_head` file."""
+    with np.load(io.BytesIO(fileio.read_bytes(path)), allow_pickle=False) as archive:
+        meta = json.loads(str(archive["meta_json"]))
+        return {k: archive[k] for k in archive.files if k != "meta_json"}, meta

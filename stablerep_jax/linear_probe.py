@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
-import json
 import os
 import time
 from typing import Callable, Optional, Sequence
@@ -512,7 +510,7 @@ def run(config, workdir: str, mesh=None) -> dict:
                                                  config.knn.temperature, mesh))
     results["seconds"] = round(time.time() - start, 1)
     if jax.process_index() == 0:
-        save_head(os.path.join(workdir, BEST_HEAD), fit.best_head, {
+        checkpoint.save_probe_head(os.path.join(workdir, BEST_HEAD), fit.best_head, {
             "base_lr": results["best_lr"], "lr": results["best_abs_lr"],
             "epoch": results["best_epoch"], "top1": results["best_top1"],
             "use_bn": bool(config.use_bn), "class_names": list(data.class_names),
@@ -528,19 +526,9 @@ def run(config, workdir: str, mesh=None) -> dict:
 # Best head
 
 
-def save_head(path: str, head: dict, meta: dict) -> str:
-    """One .npz holding a head's arrays (`head_arrays`) and its JSON meta, written atomically
-    through `fileio` (local path or gs:// URL). Returns `path`."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **head, meta_json=np.array(json.dumps(meta, sort_keys=True)))
-    return fileio.write_bytes_atomic(path, buffer.getvalue())
-
-
-def load_head(path: str) -> tuple[dict, dict]:
-    """(head arrays, meta) of a `save_head` file."""
-    with np.load(io.BytesIO(fileio.read_bytes(path)), allow_pickle=False) as archive:
-        meta = json.loads(str(archive["meta_json"]))
-        return {k: archive[k] for k in archive.files if k != "meta_json"}, meta
+# The file format lives with the other checkpoint code; these names are kept for callers.
+save_head = checkpoint.save_probe_head
+load_head = checkpoint.load_probe_head
 
 
 def predict(head: dict, feats: np.ndarray, use_bn: bool) -> np.ndarray:
