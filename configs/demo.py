@@ -121,7 +121,7 @@ def probe_config(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
     p.batch_size = 32
     p.use_bn = True                     # BatchNorm without affine before the classifier
     # Wide enough that every encoder's best lr lies inside (not at an end) in our runs.
-    p.base_lrs = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+    p.base_lrs = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
     return p
 
 

@@ -1,10 +1,16 @@
 r"""The whole chain on a CPU in minutes: generate -> train (StableRep and SimCLR) -> linear probe.
 
   python -m stablerep_jax.demo --workdir=/tmp/stablerep_demo [--config.generator=sd --config.model=SD]
+  python -m stablerep_jax.demo --workdir=DIR --config.train.model.depth=6 --config.probe.epochs=50
 
-Every stage writes into WORKDIR and is reused when the demo is rerun (data with a manifest,
-training checkpoints resume), so an interrupted demo picks up where it stopped. The end is a
-printed table, `report.md` (contact sheet, loss curves, probe table) and `demo_results.json`.
+The config (configs/demo.py) holds the configs of the jobs it runs: `train` (StableRep),
+`simclr`, `probe` and `sd`; this module only fills in what comes from WORKDIR (the data glob,
+the checkpoints and the probe folder). Every stage writes into WORKDIR and is reused when the
+demo is rerun (data with a manifest, training checkpoints resume), so an interrupted demo picks
+up where it stopped. Data, metrics, probe results and figures go through `fileio` (any
+tf.io.gfile URL); orbax checkpoints go to `checkpoint_dir` when set (orbax cannot write ram://).
+The end is a printed table, `report.md` (contact sheet, loss curves, probe top-1 per lr for each
+encoder, generation throughput) and `demo_results.json`.
 """
 from __future__ import annotations
 
