@@ -526,8 +526,7 @@ def run(config, workdir: str, mesh=None) -> dict:
 # Best head
 
 
-# The file format lives with the other checkpoint code; these names are kept for callers.
-save_head = checkpoint.save_probe_head
+# The head's file format lives with the other checkpoint code (`checkpoint.save_probe_head`).
 load_head = checkpoint.load_probe_head
 
 
