@@ -129,7 +129,7 @@ def _open(path, step: Optional[int]) -> tuple[ocp.CheckpointManager, int]:
     if not manager_dir.exists():
         if not _absolute(path).exists():
             raise FileNotFoundError(f"checkpoint path {_absolute(path)} does not exist")
-        raise FileNotFoundError(f"no finished checkpoint in {manager_dir} (no such directory)")
+        raise FileNotFoundError(f"no model checkpoint in {manager_dir} (no such directory)")
     manager = _reader(manager_dir)
     try:
         return manager, _pick_step(_finished(manager), manager_dir, step)
@@ -141,7 +141,7 @@ def _open(path, step: Optional[int]) -> tuple[ocp.CheckpointManager, int]:
 def _pick_step(steps: list[int], manager_dir: epath.Path, step: Optional[int]) -> int:
     """`step` if it is among the finished `steps`, else the latest; errors say what is there."""
     if not steps:
-        raise FileNotFoundError(f"no finished checkpoint in {manager_dir} (expected "
+        raise FileNotFoundError(f"no model checkpoint in {manager_dir} (expected "
                                 f"<step>/{PARAMS} there, written by train or convert)")
     if step is None:
         return steps[-1]

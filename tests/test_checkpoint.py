@@ -144,10 +144,10 @@ def test_missing_checkpoints_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"checkpoint path .*nowhere does not exist"):
         checkpoint.load_model(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"no finished checkpoint in .*empty"):
+    with pytest.raises(FileNotFoundError, match=r"no model checkpoint in .*empty"):
         checkpoint.load_model(tmp_path / "empty")
     (tmp_path / "empty" / "checkpoints").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"no finished checkpoint in .*empty"):
+    with pytest.raises(FileNotFoundError, match=r"no model checkpoint in .*empty"):
         checkpoint.resolve_step_dir(tmp_path / "empty" / "checkpoints")
     assert checkpoint.finished_steps(tmp_path / "nowhere") == []
     # Another manager's checkpoints (no model items) are not taken for a model.
