@@ -64,7 +64,8 @@ def _args(argv=None):
     args = p.parse_args(argv)
     for name in ("variants", "kinds", "remat"):
         setattr(args, name, [x.strip() for x in getattr(args, name).split(",") if x.strip()])
-    bad = [k for k in args.kinds if k not in PRESETS] + [r for r in args.remat if r not in ("off", "on")]
+    bad = [k for k in args.kinds if k not in PRESETS]
+    bad += [r for r in args.remat if r not in ("off", "on")]
     if bad:
         p.error(f"unknown value(s) {bad}: --kinds takes {', '.join(PRESETS)}, --remat off/on")
     return args

@@ -7,8 +7,10 @@ Run (single host; the same command on every host of a pod):
 
 Presets (epochs / warmup epochs are the reference README's schedule table; "1x" = 35
 ImageNet-epoch equivalents):
-  vit_b16_cc12m_1x / _2x / _3x       ViT-B/16, CC12M synthetic, 15 / 31 / 46 epochs, warmup 0.5 / 1.0 / 1.5
-  vit_b16_redcaps_1x / _2x / _3x     ViT-B/16, RedCaps synthetic, 13 / 27 / 40 epochs, warmup 0.45 / 0.9 / 1.35
+  vit_b16_cc12m_1x / _2x / _3x       ViT-B/16, CC12M synthetic, 15 / 31 / 46 epochs,
+                                     warmup 0.5 / 1.0 / 1.5
+  vit_b16_redcaps_1x / _2x / _3x     ViT-B/16, RedCaps synthetic, 13 / 27 / 40 epochs,
+                                     warmup 0.45 / 0.9 / 1.35
   vit_b16_cc12m_pp_1x                StableRep++ (image + image-text loss, w1 = w2 = 1) on CC12M, 1x
                                      (the reference README's "add text" row, 74.4%)
   vit_b16_redcaps_pp_1x              StableRep++ on RedCaps, 1x (the README's 75.4% row)

@@ -346,7 +346,8 @@ def test_vit_init_statistics_match_timm_0_5_4():
     for leaf in (vit["patch_embed"]["kernel"], vit["patch_embed"]["bias"]):
         leaf = np.asarray(leaf)
         assert np.abs(leaf).max() <= bound and np.abs(leaf).max() > 0.9 * bound
-    assert np.all(np.asarray(vit["norm"]["scale"]) == 1) and not np.any(np.asarray(vit["norm"]["bias"]))
+    assert np.all(np.asarray(vit["norm"]["scale"]) == 1)
+    assert not np.any(np.asarray(vit["norm"]["bias"]))
 
 
 def test_head_and_text_mlp_biases_use_torch_default_init():
