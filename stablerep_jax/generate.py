@@ -41,7 +41,6 @@ from stablerep_jax.generation import sampler as sampler_lib  # noqa: I001  isort
 
 import jax
 import numpy as np
-import tensorflow as tf
 from absl import logging
 from PIL import Image
 from tqdm import tqdm
@@ -95,27 +94,14 @@ def host_shards(shards: Sequence[Shard], process_index: int, process_count: int)
 
 
 def remove_stale_temp_files(output_dir: str, names: Sequence[str]) -> list[str]:
-    """Removes the temporary files that killed runs left behind for these final names.
-
-    Temporary names are unique per process (`fileio.temp_name`: NAME.<host>-<pid>-<random>.tmp;
-    older versions used NAME.tmp), so a rerun never overwrites a dead run's partial file: without
-    this, every kill during a shard write would leave a partial shard in the output for good.
-    Only this host's own files are passed in, which no other host writes. Returns the removed
-    names."""
-    if not fileio.exists(output_dir):
-        return []
-    wanted = set(names)
-    stale = []
-    for name in tf.io.gfile.listdir(output_dir):
-        if not name.endswith(records.TMP_SUFFIX):
-            continue
-        base = name[:-len(records.TMP_SUFFIX)]
-        if base in wanted or base.rsplit(".", 1)[0] in wanted:
-            fileio.remove_if_present(os.path.join(output_dir, name))
-            stale.append(name)
+    """Removes the temporary files that killed runs left behind for these final names (this
+    host's own files, which no other host writes; see `fileio.remove_stale_temp_files`):
+    temporary names are unique per process, so a rerun never overwrites a dead run's partial
+    shard. Returns the removed names."""
+    stale = fileio.remove_stale_temp_files(output_dir, names)
     if stale:
         logging.info("removed %d temporary files left by interrupted runs: %s", len(stale),
-                     ", ".join(sorted(stale)[:5]) + (" ..." if len(stale) > 5 else ""))
+                     ", ".join(stale[:5]) + (" ..." if len(stale) > 5 else ""))
     return stale
 
 
