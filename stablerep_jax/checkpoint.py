@@ -124,7 +124,8 @@ def finished_steps(path) -> list[int]:
 
 
 def _open(path, step: Optional[int]) -> tuple[ocp.CheckpointManager, int]:
-    """(reader, step to read) for `path` and `step` (see `resolve_step`); the caller closes it."""
+    """(reader, step to read) for `path` and `step` (see `resolve_step_dir`); the caller closes
+    the reader."""
     manager_dir, step = locate(path, step)
     if not manager_dir.exists():
         if not _absolute(path).exists():
@@ -150,21 +151,15 @@ def _pick_step(steps: list[int], manager_dir: epath.Path, step: Optional[int]) -
     return int(step)
 
 
-def resolve_step(path, step: Optional[int] = None) -> tuple[epath.Path, int]:
-    """(manager directory, step) to read: `step`, the step in the path, or the latest finished.
+def resolve_step_dir(path, step: Optional[int] = None) -> epath.Path:
+    """The step directory to read: `step`, the step in the path, or the latest finished one.
 
     FileNotFoundError names the path when it holds no finished checkpoint, and lists the steps
     that are there when the asked-for step is not one of them.
     """
     manager, step = _open(path, step)
     with manager:
-        return epath.Path(manager.directory), step
-
-
-def resolve_step_dir(path, step: Optional[int] = None) -> epath.Path:
-    """The directory of the step `resolve_step` picks (for messages and existence checks)."""
-    manager_dir, step = resolve_step(path, step)
-    return manager_dir / str(step)
+        return epath.Path(manager.directory) / str(step)
 
 
 def _numpy_restore(tree_metadata) -> ocp.args.PyTreeRestore:
