@@ -6,7 +6,7 @@ The default generator is a procedural text-to-image renderer (`generation/toy_wo
 caption ("two small red triangles on a striped background") is rendered K times with random
 placement, size, rotation, lighting and clutter. The demo trains StableRep (multi-positive, several
 images per caption) and the SimCLR baseline (one image per caption, two crops) on the same images
-with the same number of images per step and steps, then linear-probes held-out renders by an
+with the same number of views (crops) per step and steps, then linear-probes held-out renders by an
 attribute (default: the background pattern) with both encoders and with a randomly
 initialised one.
 
@@ -16,8 +16,8 @@ runs is one override away and nothing is copied by hand:
            (--config.train.model.depth=4, --config.train.total_steps=100, ...)
   simclr   the SimCLR baseline: every field follows `train` (an override of train.X changes
            both runs) except its view layout (data.n_img=1, data.num_crop=2) and batch_size
-           (train.batch_size x train.data.n_img captions: the same images per step); an
-           override of simclr.X changes SimCLR alone
+           (half of train's views per step in captions, so both encode as many views per step,
+           as in the paper); an override of simclr.X changes SimCLR alone
   sd       configs/generate.py:sd15 for generator=sd (model, K, stored size and seed follow the
            demo's fields; captions and output_dir are set by the demo)
   probe    configs/linear_probe.py:folder, run once per encoder (checkpoint and dataset are
@@ -107,7 +107,10 @@ def simclr_config(train: ml_collections.ConfigDict) -> ml_collections.ConfigDict
         target, target_leaf = _node(s, key)
         target[target_leaf] = node.get_ref(leaf).identity()
     s.data.n_img, s.data.num_crop = 1, 2
-    s.batch_size = train.get_ref("batch_size") * train.data.get_ref("n_img")
+    # Equal views per step (the encoder's compute), as the paper's SimCLR baseline (4096
+    # captions x 2 crops against StableRep's 1376 x 6): half as many captions as train's views.
+    s.batch_size = (train.get_ref("batch_size") * train.data.get_ref("n_img")
+                    * train.data.get_ref("num_crop")) // 2
     return s
 
 

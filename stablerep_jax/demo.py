@@ -188,7 +188,7 @@ def run(config, workdir: str) -> dict:
         "probe": {name: {"best_top1": r["best_top1"], "best_lr": r["best_lr"]}
                   for name, r in results.items()},
         "train_steps": config.train.total_steps,
-        "images_per_step": _images_per_step(train_cfgs["StableRep"]),
+        "views_per_step": {name: _views_per_step(cfg) for name, cfg in train_cfgs.items()},
         "figures": {key: os.path.basename(path) for key, path in figures.items()},
         "seconds": round(time.time() - start, 1),
     }
@@ -198,7 +198,7 @@ def run(config, workdir: str) -> dict:
     return summary
 
 
-def _images_per_step(cfg) -> int:
+def _views_per_step(cfg) -> int:
     return cfg.batch_size * cfg.data.n_img * cfg.data.num_crop
 
 
@@ -228,11 +228,12 @@ def _write_report(workdir, config, summary, sheet, figures) -> None:
     probe_figures = "\n\n".join(f"![{key}]({os.path.basename(path)})"
                                   for key, path in figures.items() if key.startswith("probe "))
     throughput = figures.get("generation throughput")
+    views = " / ".join(str(v) for v in summary["views_per_step"].values())
     text = f"""# StableRep demo
 
 Generator: `{config.generator}`; {config.num_captions} captions x {config.images_per_caption} images
-at {config.stored_size}px; {config.train.total_steps} training steps of {summary['images_per_step']}
-images each (same budget for StableRep and SimCLR). Probe: classify held-out renders by
+at {config.stored_size}px; {config.train.total_steps} training steps of {views} views (crops) each
+for {" and ".join(summary["views_per_step"])}. Probe: classify held-out renders by
 **{config.probe_attribute}** ({classes} classes, chance {1.0 / classes:.1%}) with a linear
 classifier on frozen CLS features ({config.probe.mode}; {config.probe.epochs} epochs, the best
 over {len(config.probe.base_lrs)} base lrs). Wall time {summary['seconds']} s.

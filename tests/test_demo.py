@@ -52,7 +52,7 @@ def test_simclr_follows_train_except_its_views_and_its_own_overrides():
     assert simclr.total_steps == simclr.checkpoint_every == 50
     assert simclr.optim.warmup_steps == stablerep.optim.warmup_steps == 5
     assert (simclr.data.n_img, simclr.data.num_crop) == (1, 2)
-    assert simclr.batch_size == stablerep.batch_size * 3      # same images per step
+    assert simclr.batch_size * 2 == stablerep.batch_size * 3   # same views per step
     assert simclr.optim.blr == 5e-3 and stablerep.optim.blr == 1.5e-3
     assert simclr.seed == stablerep.seed == c.probe.seed == c.sd.seed == 7
 
