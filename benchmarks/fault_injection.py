@@ -130,11 +130,14 @@ def partial_shards(output: str) -> int:
 
 
 def partial_checkpoints(workdir: str) -> int:
-    """Checkpoints being written (orbax's temporary directories, or a step directory without
-    its commit marker) in a train workdir."""
+    """Checkpoints being written in a train workdir: entries of `checkpoints/` that orbax's
+    manager does not list as finished steps (its temporary or uncommitted step directories)."""
     folder = os.path.join(workdir, "checkpoints")
-    return sum("tmp" in n or not os.path.exists(os.path.join(folder, n, "commit_success.txt"))
-               for n in _names(folder))
+    names = _names(folder)
+    if not names:
+        return 0
+    from stablerep_jax import checkpoint
+    return len(names) - len(checkpoint.finished_steps(workdir))
 
 
 def _names(folder: str) -> list[str]:

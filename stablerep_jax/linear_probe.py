@@ -527,7 +527,6 @@ def run(config, workdir: str, mesh=None) -> dict:
 
 
 # The head's file format lives with the other checkpoint code (`checkpoint.save_probe_head`).
-load_head = checkpoint.load_probe_head
 
 
 def predict(head: dict, feats: np.ndarray, use_bn: bool) -> np.ndarray:

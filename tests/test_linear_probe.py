@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from stablerep_jax import config_utils, fileio, linear_probe, parallel
+from stablerep_jax import checkpoint, config_utils, fileio, linear_probe, parallel
 from stablerep_jax import features as features_lib
 from stablerep_jax.data import augment, eval_data
 from stablerep_jax.metrics import read_metrics
@@ -79,7 +79,7 @@ def test_results_json_metrics_and_best_head(separable_run, encoder_dir, tinted):
     assert on_disk["feature_dtype"] == "float32" and on_disk["mode"] == "cached_features"
 
     # The saved best head reproduces the reported accuracy on freshly extracted features.
-    head, meta = linear_probe.load_head(os.path.join(workdir, linear_probe.BEST_HEAD))
+    head, meta = checkpoint.load_probe_head(os.path.join(workdir, linear_probe.BEST_HEAD))
     assert meta["base_lr"] == results["best_lr"] and meta["class_names"] == sorted(meta["class_names"])
     encoder = features_lib.load_encoder(encoder_dir)
     mesh = parallel.make_mesh()
@@ -130,8 +130,8 @@ def test_eight_devices_equal_one_device(encoder_dir, tinted, tmp_path):
     assert r8["top1"] == r1["top1"] and r8["top5"] == r1["top5"]
     np.testing.assert_allclose([p["final_train_loss"] for p in r8["per_lr"]],
                                [p["final_train_loss"] for p in r1["per_lr"]], rtol=1e-4)
-    h8, _ = linear_probe.load_head(str(tmp_path / "d8" / linear_probe.BEST_HEAD))
-    h1, _ = linear_probe.load_head(str(tmp_path / "d1" / linear_probe.BEST_HEAD))
+    h8, _ = checkpoint.load_probe_head(str(tmp_path / "d8" / linear_probe.BEST_HEAD))
+    h1, _ = checkpoint.load_probe_head(str(tmp_path / "d1" / linear_probe.BEST_HEAD))
     for key in h8:
         np.testing.assert_allclose(h8[key], h1[key], rtol=1e-4, atol=1e-5)
 
@@ -454,7 +454,7 @@ def test_ram_workdir(encoder_dir, tinted, ram_dir):
     results = linear_probe.run(F.probe_config(encoder_dir, tinted, epochs=4, eval_every=2),
                                ram_dir)
     assert fileio.read_json(f"{ram_dir}/results.json") == json.loads(json.dumps(results))
-    head, meta = linear_probe.load_head(f"{ram_dir}/{linear_probe.BEST_HEAD}")
+    head, meta = checkpoint.load_probe_head(f"{ram_dir}/{linear_probe.BEST_HEAD}")
     assert meta["epoch"] == results["best_epoch"] and head["kernel"].shape == (192, 6)
     assert not [p for p in tf.io.gfile.listdir(ram_dir) if p.endswith(fileio.TMP_SUFFIX)]
     # A rerun in the same workdir starts its metrics over (no steps logged twice).
