@@ -6,8 +6,9 @@ Run (one host, all local devices; the same command on every host of a TPU pod):
       --config.captions=/data/cc12m/captions.txt --config.output_dir=gs://BUCKET/cc12m_syn
 
 Presets:
-  sd15        the paper's setting: SD v1.5, DDIM 50 steps, guidance 2.0, 512x512 saved at 256 as
-              JPEG, 10 images per caption (CC12M / RedCaps)           (default)
+  sd15        the paper's setting: SD v1.5, DDIM 50 steps, guidance 2.0, 512x512 saved at 256,
+              10 images per caption (CC12M / RedCaps)                 (default). Stored as
+              JPEG q95 (the reference saved PNG: --config.image_format=png; REPRODUCING.md)
   sd15_laion  the same with 2 images per caption (the LAION subset of StableRep++)
   tiny        a tiny local model on CPU (tests, the demo): 32x32, 3 DDIM steps, float32, PNG
 
