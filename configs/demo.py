@@ -165,7 +165,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     # grayscale make contrastive encoders colour-invariant on purpose), and shapes of objects a
     # few pixels wide need far longer training than a CPU demo has.
     c.probe_attribute = "background"
-    c.probe_train_per_class = 24 if preset == "test" else 60
-    c.probe_test_per_class = 12 if preset == "test" else 30
+    c.probe_train_per_class = 40 if preset == "test" else 60
+    c.probe_test_per_class = 40 if preset == "test" else 30
     c.probe = probe_config(c, preset)
     return c
