@@ -68,6 +68,24 @@ def test_fields_the_demo_sets_must_stay_unset():
         demo.probe(c, "/x", "/folder", "/w")
 
 
+def test_sd_generator_runs_generate_with_the_demo_fields(tmp_path, monkeypatch):
+    """generator=sd: `config.sd` (generate's own config) follows the demo's model, K, stored
+    size and seed, and gets the toy grammar's captions and WORKDIR/data."""
+    from stablerep_jax import generate
+
+    seen = []
+    monkeypatch.setattr(generate, "run", seen.append)
+    c = _config()
+    config_utils.apply_overrides(c, {"generator": "sd", "model": "/models/sd", "seed": 4,
+                                     "images_per_caption": 3, "sd.num_inference_steps": 7})
+    demo.make_data(c, str(tmp_path))
+    (gen,) = seen
+    assert (gen.model, gen.images_per_caption, gen.save_size, gen.seed) == ("/models/sd", 3, 40, 4)
+    assert gen.num_inference_steps == 7 and gen.output_dir == str(tmp_path / "data")
+    with open(gen.captions, encoding="utf-8") as f:
+        assert f.read().splitlines() == [s.text for s in demo.toy_world.sample_captions(96, 4)]
+
+
 def test_a_wrong_nested_key_stops_the_demo_naming_it(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "stablerep_jax.demo", "--config=configs/demo.py:test",
