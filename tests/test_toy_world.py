@@ -10,7 +10,7 @@ import tensorflow as tf
 from PIL import Image
 
 from stablerep_jax import config_utils, fileio
-from stablerep_jax.data import pipeline, records, shard_plan
+from stablerep_jax.data import eval_data, pipeline, records, shard_plan
 from stablerep_jax.generation import toy_world as T
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -247,6 +247,12 @@ def test_toy_data_on_a_url_is_read_back_by_train(tmp_path):
     png = fileio.read_bytes(os.path.join(root, "train", "large", "00001.png"))
     assert np.asarray(Image.open(io.BytesIO(png))).shape == (16, 16, 3)
     assert fileio.read_json(os.path.join(root, T.PROBE_SETTINGS_NAME))["complete"] is True
+    # ... and the probe's data loader lists and reads that folder on the URL too.
+    data = eval_data.load_eval_dataset(f"folder:{root}")
+    assert data.class_names == ("large", "small")
+    assert len(data.train.files) == 4 and all(f.startswith("ram://") for f in data.train.files)
+    first = next(eval_data.eval_batches(data.test, image_size=8, global_batch=2))
+    assert first["image"].shape[1:] == (8, 8, 3)
 
 
 def test_toy_dataset_records_its_render_rate_like_generate(tmp_path):

@@ -160,22 +160,29 @@ def load_eval_dataset(dataset: str, data_dir: Optional[str] = None,
 # Image folders
 
 
+def _subdirs(path: str) -> list[str]:
+    """Sorted names of the sub-folders of `path` (local or any tf.io.gfile URL; buckets list
+    folder names with a trailing slash)."""
+    gfile = tf.io.gfile
+    names = (n.rstrip("/") for n in gfile.listdir(path))
+    return sorted(n for n in names if gfile.isdir(os.path.join(path, n)))
+
+
 def _list_split(path: str) -> dict[str, list[str]]:
     by_label = {}
-    for label in sorted(os.listdir(path)):
+    for label in _subdirs(path):
         label_dir = os.path.join(path, label)
-        if os.path.isdir(label_dir):
-            by_label[label] = sorted(os.path.join(label_dir, f) for f in os.listdir(label_dir)
-                                     if f.lower().endswith(IMAGE_EXTENSIONS))
+        by_label[label] = sorted(os.path.join(label_dir, f) for f in tf.io.gfile.listdir(label_dir)
+                                 if f.lower().endswith(IMAGE_EXTENSIONS))
     return by_label
 
 
 def _load_folder(root: str, train_split: str, test_split: Optional[str]) -> EvalDataset:
     if not root:
         raise ValueError("dataset='folder:' needs a path: folder:/path/to/root")
-    if not os.path.isdir(root):
+    if not tf.io.gfile.isdir(root):
         raise FileNotFoundError(f"image folder {root!r} (from dataset='folder:{root}') does not exist")
-    splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    splits = _subdirs(root)
     test_split = test_split or next((s for s in DEFAULT_TEST_SPLITS if s in splits), None)
     if test_split is None:
         raise FileNotFoundError(f"image folder {root!r} has no test split (looked for "
