@@ -22,7 +22,6 @@ at CC12M scale a block is 16 shards of 1000 captions out of 10M, here 16 of --ca
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import subprocess
@@ -31,6 +30,10 @@ import tempfile
 import time
 
 import numpy as np
+
+# The same photo-like test images as the input benchmark (this folder); it imports torch, which
+# must load before TensorFlow (triton's LLVM clashes with TF's).
+from input_pipeline import make_jpegs  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE_COMMIT = "7f0549a"      # the last commit before shard_plan / the steps-per-epoch fix
@@ -87,20 +90,6 @@ def worker(args) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Data: one set of records, two shard layouts.
-
-
-def make_jpegs(n: int, size: int) -> list[bytes]:
-    from PIL import Image
-    out = []
-    for i in range(n):
-        rng = np.random.default_rng(i)
-        coarse = rng.integers(0, 256, (max(1, size // 16),) * 2 + (3,)).astype(np.uint8)
-        img = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), np.float32)
-        img += rng.normal(0, 6, img.shape)
-        buffer = io.BytesIO()
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
-        out.append(buffer.getvalue())
-    return out
 
 
 def write_layouts(args, workdir: str) -> dict[str, str]:

@@ -62,7 +62,7 @@ def make_jpegs(n: int, size: int) -> list[bytes]:
     out = []
     for i in range(n):
         rng = np.random.default_rng(i)
-        coarse = rng.integers(0, 256, (size // 32, size // 32, 3)).astype(np.uint8)
+        coarse = rng.integers(0, 256, (max(1, size // 32),) * 2 + (3,)).astype(np.uint8)
         img = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), np.float32)
         img += rng.normal(0, 6, img.shape)
         buffer = io.BytesIO()

@@ -60,4 +60,11 @@ def ram_dir():
     root = f"ram://test_{uuid.uuid4().hex}"
     yield f"{root}/out"
     if tf.io.gfile.exists(root):
-        tf.io.gfile.rmtree(root)
+        try:
+            tf.io.gfile.rmtree(root)
+        except tf.errors.NotFoundError:
+            # The in-memory filesystem has no real directories: rmtree can trip over one it
+            # listed; remove the files one by one instead (the memory is freed either way).
+            for directory, _, files in tf.io.gfile.walk(root):
+                for name in files:
+                    tf.io.gfile.remove(f"{directory}/{name}")

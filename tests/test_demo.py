@@ -198,3 +198,37 @@ def _keys(tree) -> set:
     if not isinstance(tree, dict):
         return set()
     return set(tree).union(*(_keys(value) for value in tree.values()))
+
+
+@pytest.mark.slow
+def test_demo_writes_every_output_to_a_url_workdir(tmp_path, monkeypatch, ram_dir):
+    """A bucket workdir (ram:// here, gs:// for users): data, metrics, probe results, figures
+    and the report land on the URL, and nothing lands in a local folder named after the scheme.
+    Only the orbax checkpoints stay local (`checkpoint_dir`): TensorStore cannot write ram://."""
+    import tensorflow as tf
+
+    from stablerep_jax import fileio
+
+    config = _config()
+    config.num_captions = 24
+    config.train.total_steps = 4
+    config.train.log_every = 2
+    config.train.batch_size = 8
+    config.train_simclr = False
+    config.probe_train_per_class = 4
+    config.probe_test_per_class = 4
+    config.probe.epochs = 2
+    config.checkpoint_dir = str(tmp_path / "checkpoints")
+    monkeypatch.chdir(tmp_path)
+    summary = demo.run(config, ram_dir)
+
+    saved = fileio.read_json(f"{ram_dir}/demo_results.json")
+    assert saved == json.loads(json.dumps(summary))
+    report = fileio.read_bytes(f"{ram_dir}/report.md").decode("utf-8")
+    for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
+        assert fileio.read_bytes(f"{ram_dir}/{name}")[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert len(tf.io.gfile.glob(f"{ram_dir}/data/*.tfrecord")) >= 1
+    assert [json.loads(line)["step"] for line in fileio.read_bytes(
+        f"{ram_dir}/stablerep/metrics.jsonl").decode().splitlines()] == [2, 4]
+    assert fileio.exists(f"{ram_dir}/probe/stablerep/results.json")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints"]     # no local "ram:" folder
