@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from stablerep_jax.config_utils import load_config
+from stablerep_jax.config_utils import find_key, load_config
 
 _CONFIG_PREFIX = "--config."
 
@@ -57,16 +57,7 @@ def _config_spec(argv: Sequence[str], default: str | None) -> str | None:
 def check_override_keys(config, keys: Sequence[str], spec: str) -> None:
     """Raises KeyError naming the first override key that the config does not have."""
     for dotted in keys:
-        node, path = config, []
-        for name in dotted.split("."):
-            path.append(name)
-            if not hasattr(node, "keys") or name not in node:
-                parent = ".".join(path[:-1]) or "<top level>"
-                valid = sorted(node.keys()) if hasattr(node, "keys") else []
-                raise KeyError(
-                    f"unknown config key {'.'.join(path)!r} (from --config.{dotted}) in {spec}; "
-                    f"keys under {parent}: {', '.join(valid)}")
-            node = node[name]
+        find_key(config, dotted, origin=f"from --config.{dotted} in {spec}")
 
 
 _CHATTY_LIBRARIES = ("/orbax/", "/etils/", "/jax/_src/")

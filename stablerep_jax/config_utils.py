@@ -6,6 +6,7 @@ config file by path the same way `ml_collections.config_flags` does, for tests a
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import Iterable
@@ -49,29 +50,34 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
 
 
+def find_key(config: ml_collections.ConfigDict, dotted: str, origin: str = ""):
+    """(parent ConfigDict, leaf name) of a dotted key such as `optim.blr`.
+
+    An unknown key raises a KeyError naming the first missing part, where the key came from
+    (`origin`, e.g. "--config.optim.blrr in configs/stablerep.py") and the valid keys there.
+    """
+    node, path = config, []
+    names = dotted.split(".")
+    for name in names:
+        path.append(name)
+        if not hasattr(node, "keys") or name not in node:
+            parent = ".".join(path[:-1]) or "<top level>"
+            valid = sorted(node.keys()) if hasattr(node, "keys") else []
+            where = f" ({origin})" if origin else ""
+            raise KeyError(f"unknown config key {'.'.join(path)!r}{where}; keys under "
+                           f"{parent}: {', '.join(valid)}")
+        if len(path) < len(names):
+            node = node[name]
+    return node, names[-1]
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
     """Applies dotted-key overrides (`{"optim.blr": 1e-4}`) with the same checks as the flags.
 
     An unknown key raises a KeyError that names it; a value of the wrong type raises TypeError.
     """
     for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for i, name in enumerate(parents):
-            if name not in node:
-                raise KeyError(f"unknown config key {'.'.join(parents[:i + 1])!r} "
-                               f"(in override {dotted!r})")
-            node = node[name]
-        if leaf not in node:
-            raise KeyError(f"unknown config key {dotted!r}")
-        with node.ignore_type() if value is None else _nullcontext():
+        node, leaf = find_key(config, dotted, origin=f"in override {dotted!r}")
+        with node.ignore_type() if value is None else contextlib.nullcontext():
             node[leaf] = value
     return config
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
