@@ -52,7 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 1000      # steps; a final checkpoint is always written
     c.keep_checkpoints = 3
     c.log_every = 50
-    c.preemption_check_every = 10  # steps between hosts agreeing on a SIGTERM (multi-host)
+    c.preemption_check_every = 10  # multi-host SIGTERM agreement every N steps, only when JAX's
+                                   # preemption service is off (else its sync point picks the step)
     c.init_from = config_dict.placeholder(str)   # params of a `convert` or `train` checkpoint
 
     c.data = ml_collections.ConfigDict()

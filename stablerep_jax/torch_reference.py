@@ -61,7 +61,6 @@ def projection_head(in_dim: int, mlp_dim: int, out_dim: int) -> nn.Sequential:
     ]))
 
 
-named_head = projection_head      # the name tests/test_models.py and tests/test_convert.py use
 
 
 class VisionEncoder(nn.Module):

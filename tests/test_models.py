@@ -86,7 +86,7 @@ D, MLP, OUT = 12, 24, 8
 
 def torch_head(seed=0):
     torch.manual_seed(seed)
-    return tref.randomize_(tref.named_head(D, MLP, OUT), seed)
+    return tref.randomize_(tref.projection_head(D, MLP, OUT), seed)
 
 
 def _map_head(head):
@@ -214,7 +214,7 @@ def tiny_model_config(**overrides):
 
 def test_encoder_matches_reference_forward_view_major_with_per_group_bn(close):
     visual = timm_vit("vit_tiny_patch16_224", 32, seed=7, depth=2)
-    head = tref.randomize_(tref.named_head(192, MLP, OUT), 7)
+    head = tref.randomize_(tref.projection_head(192, MLP, OUT), 7)
     sd = {**tref.state_dict_numpy(visual, "visual."), **tref.state_dict_numpy(head, "image_mlp.")}
     key_map = {f"visual.{k}": (c, ("visual",) + p, t) for k, (c, p, t) in timm_key_map(2).items()}
     key_map.update(head_key_map("image_mlp", ("image_mlp",)))
