@@ -60,7 +60,7 @@ def train_config(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
     t.checkpoint_every = t.get_ref("total_steps").identity()
     t.log_every = 5
     t.data.n_img, t.data.num_crop = 2, 1
-    t.data.image_size = 48              # crop side fed to the ViT
+    t.model.image_size = 48             # crop side fed to the ViT (data.image_size follows)
     t.data.min_crop_scale = 0.3         # tiny objects vanish in 8% crops of 64px images
     t.model.variant = "tiny"            # ViT width 192, with the depth below
     t.model.depth = 4
@@ -73,7 +73,7 @@ def train_config(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
     if preset == "test":
         t.batch_size = 16
         t.total_steps = 40
-        t.data.image_size = 32
+        t.model.image_size = 32
         t.model.depth = 2
         t.model.mlp_dim = 128
         t.model.emb_dim = 32
@@ -103,6 +103,8 @@ def simclr_config(train: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     for key in _leaf_keys(train):
         node, leaf = _node(train, key)
         if key in SIMCLR_OWN or node[leaf] is None:   # placeholders stay unset, as in `train`
+            continue
+        if key == "data.image_size":    # follows s.model.image_size (configs/stablerep.py)
             continue
         target, target_leaf = _node(s, key)
         target[target_leaf] = node.get_ref(leaf).identity()

@@ -61,7 +61,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_captions = 0        # captions in the data set; 0 = read the shards' manifest.json
     c.data.n_img = 6               # m: images of a caption in a batch
     c.data.num_crop = 1            # crops per sampled image (SimCLR baseline: n_img=1, num_crop=2)
-    c.data.image_size = 224        # crop size fed to the model
     c.data.aug = "strong"          # "strong" (SimCLR recipe) or "weak" (crop scale 0.5-1)
     c.data.min_crop_scale = 0.0    # > 0: smallest crop area fraction instead of the recipe's
     c.data.downsample = False      # the optional downsample augmentation
@@ -76,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.variant = "base"       # tiny / small / base / large (timm vit_*_patch16_224)
     c.model.depth = 0              # > 0 overrides the variant's depth (tests)
     c.model.patch_size = 16
+    c.model.image_size = 224       # crop side fed to the ViT (its position embedding's size)
     c.model.mlp_dim = 4096         # projection head hidden width
     c.model.emb_dim = 256          # projection head output width
     c.model.dtype = "bfloat16"     # compute dtype; params stay float32
@@ -90,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.vl_projection = "linear"   # "linear" or "mlp"
     c.model.embed_dim = 512            # image-text embedding width (linear projection)
     c.model.logit_scale_init = 14.285714285714286   # 1 / 0.07, stored as its log
+    # The input pipeline reads its crop size from the data section: a reference to
+    # model.image_size, not a second value. Set --config.model.image_size; setting
+    # data.image_size is an error (train's check_config).
+    c.data.image_size = c.model.get_ref("image_size").identity()
 
     c.loss = ml_collections.ConfigDict()
     c.loss.temperature = 0.1
@@ -153,7 +157,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         c.checkpoint_every = 10
         c.log_every = 1
         c.data.n_img = 2
-        c.data.image_size = 32
+        c.model.image_size = 32
         c.data.shuffle_buffer = 64
         c.data.image_dtype = "float32"
         c.model.variant = "tiny"

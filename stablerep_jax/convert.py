@@ -223,13 +223,13 @@ def state_dict_to_variables(state_dict: Mapping[str, np.ndarray], model_config: 
                             description: dict, seed: int = 0) -> dict:
     """Maps a torch state dict (numpy arrays, prefixes stripped) to Flax variables.
 
-    Returns {"params": ..., "batch_stats": ...} for `build_model(model_config, image_size)`.
+    Returns {"params": ..., "batch_stats": ...} for `build_model(model_config)`.
     Keys and shapes are checked (errors name the torch key); parameters the file does not hold
     (only the head of a plain timm ViT) keep a fresh initialisation from `seed`.
     """
     key_map = expected_key_map(description, model_config)
     check_keys(state_dict, key_map, importing_text=description["text"] is not None)
-    model = build_model(model_config, model_config["image_size"])
+    model = build_model(model_config)
     size = model_config["image_size"]
     images = jnp.zeros((1, 2, size, size, 3), jnp.float32)
     tokens = (jnp.zeros((1, model_config["context_length"]), jnp.int32)

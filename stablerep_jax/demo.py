@@ -117,10 +117,10 @@ def random_checkpoint(train_cfg, directory: str) -> str:
         return directory
     except FileNotFoundError:
         pass
-    model = build_model(train_cfg.model, train_cfg.data.image_size)
+    model = build_model(train_cfg.model)
     variables = train.init_variables(model, train_cfg, jax.random.PRNGKey(train_cfg.seed))
     checkpoint.save_model(directory, 0, variables["params"], variables.get("batch_stats", {}),
-                          {**train_cfg.model.to_dict(), "image_size": train_cfg.data.image_size})
+                          train_cfg.model.to_dict())
     return directory
 
 

@@ -58,7 +58,7 @@ def load_encoder(path: str, step: Optional[int] = None,
         raise ValueError(f"image_size={image_size}, but the checkpoint {path} was built for "
                          f"{trained_size}x{trained_size} images (its position embedding); leave "
                          "image_size unset or set it to that")
-    model = build_model(eval_model_config(model_config), trained_size)
+    model = build_model(eval_model_config(model_config))
     return Encoder(model, {"params": params, "batch_stats": batch_stats}, model_config,
                    trained_size)
 

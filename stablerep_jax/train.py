@@ -104,9 +104,25 @@ def training_length(config, process_count: int | None = None) -> tuple[int, int]
     return total, steps_per_epoch
 
 
+def check_image_size(config) -> None:
+    """model.image_size is the crop side; data.image_size (what the input pipeline reads)
+    refers to it (configs/stablerep.py). A config that sets data.image_size itself, as runs did
+    before the size moved into the model config, stops here naming the key to set instead."""
+    if "image_size" not in config.model:
+        raise ValueError("config.model has no image_size: the crop side fed to the ViT moved "
+                         "from data.image_size to model.image_size")
+    if config.data.get("image_size") != config.model.image_size:
+        raise ValueError(f"data.image_size={config.data.get('image_size')} differs from "
+                         f"model.image_size={config.model.image_size}: the crop size moved to "
+                         f"model.image_size; set --config.model.image_size="
+                         f"{config.data.get('image_size')} and leave data.image_size unset "
+                         "(it follows model.image_size)")
+
+
 def check_config(config) -> None:
     if not config.data.train_files:
         raise ValueError("set --config.data.train_files to a glob of TFRecord shards")
+    check_image_size(config)
     if config.model.add_language and not config.data.tokenizer:
         raise ValueError("StableRep++ (model.add_language) needs --config.data.tokenizer, "
                          "a CLIP tokenizer directory such as SD's tokenizer/")
@@ -125,7 +141,7 @@ def check_config(config) -> None:
 
 def init_variables(model, config, rng) -> dict:
     """The model's freshly initialised variables ({"params", "batch_stats"}) for this config."""
-    size = config.data.image_size
+    size = config.model.image_size
     images = jnp.zeros((2, views_per_caption(config), size, size, 3), jnp.float32)
     tokens = (jnp.zeros((2, config.model.context_length), jnp.int32)
               if config.model.add_language else None)
@@ -228,7 +244,7 @@ class TrainingParts:
 
 
 def build_training(config, mesh, total_steps: int, steps_per_epoch: int) -> TrainingParts:
-    model = build_model(config.model, config.data.image_size)
+    model = build_model(config.model)
     schedule = optim.learning_rate_schedule(config, total_steps, steps_per_epoch)
     tx = optim.make_optimizer(config, schedule)
     # Initialise already sharded: abstract shapes -> shardings -> jit(init, out_shardings).
@@ -314,7 +330,7 @@ def train_and_evaluate(config, workdir: str, allow_changes=(),
     parts = build_training(config, mesh, total_steps, steps_per_epoch)
     abstract_state, shardings, step_fn = parts.abstract_state, parts.shardings, parts.step_fn
 
-    model_config = {**config.model.to_dict(), "image_size": config.data.image_size}
+    model_config = config.model.to_dict()
     ckpt = checkpoint.TrainCheckpointer(checkpoint_workdir or workdir, keep=config.keep_checkpoints)
     start_step = ckpt.latest_step()
     run_meta = resume.run_identity(config.to_json_best_effort(),
@@ -349,7 +365,7 @@ def train_and_evaluate(config, workdir: str, allow_changes=(),
         if not config.knn.dataset:
             raise ValueError("knn.every > 0 needs --config.knn.dataset (TFDS name or folder:PATH)")
         knn_monitor = KnnMonitor.from_train_config(parts.model, config.knn,
-                                                   config.data.image_size, mesh)
+                                                   config.model.image_size, mesh)
 
     writer = MetricWriter(workdir, keep_through_step=start_step)
     images_per_step = config.batch_size * views_per_caption(config)

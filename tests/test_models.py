@@ -206,8 +206,8 @@ def test_text_tower_is_causal():
 
 
 def tiny_model_config(**overrides):
-    config = {"variant": "tiny", "depth": 2, "patch_size": 16, "mlp_dim": MLP, "emb_dim": OUT,
-              "dtype": "float32", "add_language": False}
+    config = {"variant": "tiny", "depth": 2, "patch_size": 16, "image_size": 32, "mlp_dim": MLP,
+              "emb_dim": OUT, "dtype": "float32", "add_language": False}
     config.update(overrides)
     return config
 
@@ -227,7 +227,7 @@ def test_encoder_matches_reference_forward_view_major_with_per_group_bn(close):
         flat = torch.cat([images[:, i] for i in range(v)], 0)
         groups = torch.split(visual(flat), b, 0)
         ref = torch.cat([head_train(g) for g in groups], 0).numpy()
-    model = build_model(tiny_model_config(), 32)
+    model = build_model(tiny_model_config())
     out, _ = model.apply(variables, np.ascontiguousarray(images.numpy().transpose(0, 1, 3, 4, 2)),
                          train=True, mutable=["batch_stats"])
     assert set(out) == {"feats"}
@@ -241,7 +241,7 @@ def test_encoder_matches_reference_forward_view_major_with_per_group_bn(close):
 def test_encoder_sharded_over_captions_equals_unsharded(close):
     """8 devices, captions sharded over `data`: features and BN statistics are the global ones."""
     mesh = parallel.make_mesh()
-    model = build_model(tiny_model_config(depth=1, patch_size=8), 32)
+    model = build_model(tiny_model_config(depth=1, patch_size=8))
     images = np.random.default_rng(12).normal(size=(16, 2, 32, 32, 3)).astype(np.float32)
     variables = model.init(jax.random.PRNGKey(0), images[:2], train=False)
 
@@ -262,7 +262,7 @@ def test_stablerep_pp_outputs(vl_projection):
                                text_heads=THEADS, context_length=CONTEXT, vocab_size=VOCAB,
                                embed_dim=16, vl_projection=vl_projection,
                                logit_scale_init=1 / 0.07)
-    model = build_model(config, 32)
+    model = build_model(config)
     images = jnp.asarray(np.random.default_rng(9).normal(size=(2, 3, 32, 32, 3)), jnp.float32)
     tokens = jnp.asarray(random_tokens(2, seed=10), jnp.int32)
     variables = model.init(jax.random.PRNGKey(0), images, tokens, train=False)
@@ -285,20 +285,24 @@ def test_stablerep_pp_outputs(vl_projection):
 
 
 def test_build_model_resolves_variant_depth_and_dtype():
-    model = build_model(tiny_model_config(variant="small", depth=0, dtype="bfloat16"), 224)
+    model = build_model(tiny_model_config(variant="small", depth=0, dtype="bfloat16"))
     assert (model.width, model.depth, model.num_heads, model.dtype) == (384, 12, 6, jnp.bfloat16)
-    model = build_model(tiny_model_config(variant="base", depth=3), 64)
+    model = build_model(tiny_model_config(variant="base", depth=3, image_size=64))
     assert (model.width, model.depth, model.num_heads, model.image_size) == (768, 3, 12, 64)
     with pytest.raises(ValueError, match="huge"):
-        build_model(tiny_model_config(variant="huge"), 224)
+        build_model(tiny_model_config(variant="huge"))
     with pytest.raises(ValueError, match="float16"):
-        build_model(tiny_model_config(dtype="float16"), 224)
+        build_model(tiny_model_config(dtype="float16"))
+    no_size = tiny_model_config()
+    del no_size["image_size"]          # the model config is the one place the crop side lives
+    with pytest.raises(KeyError, match="image_size"):
+        build_model(no_size)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_is_close(close):
     images = jnp.asarray(np.random.default_rng(11).normal(size=(4, 2, 32, 32, 3)), jnp.float32)
-    f32 = build_model(tiny_model_config(), 32)
-    bf16 = build_model(tiny_model_config(dtype="bfloat16"), 32)
+    f32 = build_model(tiny_model_config())
+    bf16 = build_model(tiny_model_config(dtype="bfloat16"))
     variables = f32.init(jax.random.PRNGKey(0), images, train=False)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(
         bf16.init(jax.random.PRNGKey(0), images, train=False)))
@@ -324,7 +328,7 @@ def _timm_trunc_normal_std(shape, seed=0):
 
 
 def test_vit_init_statistics_match_timm_0_5_4():
-    model = build_model(tiny_model_config(), 64)      # width 192, 16 patches + CLS
+    model = build_model(tiny_model_config(image_size=64))      # width 192, 16 patches + CLS
     images = jnp.zeros((2, 2, 64, 64, 3), jnp.float32)
     params = model.init(jax.random.PRNGKey(3), images, train=False)["params"]
     vit = params["visual"]
@@ -383,7 +387,7 @@ def _tiny_loss_and_vjp(remat, add_language=False):
                                text_depth=2, text_heads=2, context_length=8, vocab_size=64,
                                embed_dim=16)
     config["patch_size"] = 8
-    model = build_model(config, 32)
+    model = build_model(config)
     tokens = jnp.asarray(rng.integers(1, 64, size=(4, 8)), jnp.int32) if add_language else None
     variables = model.init(jax.random.PRNGKey(0), images, tokens, train=False)
 
@@ -419,7 +423,7 @@ def test_remat_gives_the_same_loss_and_gradients_and_keeps_fewer_residuals(add_l
 
 def test_remat_is_off_by_default(repo_root):
     from stablerep_jax import config_utils
-    assert build_model(tiny_model_config(), 32).remat is False
+    assert build_model(tiny_model_config()).remat is False
     config = config_utils.load_config(str(repo_root / "configs" / "stablerep.py"))
     assert config.model.remat is False
 
@@ -431,7 +435,7 @@ def test_each_device_encodes_only_its_own_images(add_language):
     device encoded the whole global batch: 8x the FLOPs on 8 devices)."""
     config = tiny_model_config(add_language=add_language, text_width=32, text_depth=1,
                                text_heads=2, context_length=8, vocab_size=64, embed_dim=16)
-    model = build_model(config, 32)
+    model = build_model(config)
     abstract = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros((2, 2, 32, 32, 3)),
         jnp.zeros((2, 8), jnp.int32) if add_language else None, train=False))

@@ -130,8 +130,9 @@ def _get(config: Mapping, key: str, default=None):
         return default
 
 
-def build_model(model_config: Mapping, image_size: int) -> StableRepModel:
-    """Builds the model from the train config's `model` ConfigDict (or its dict form).
+def build_model(model_config: Mapping) -> StableRepModel:
+    """Builds the model from the train config's `model` ConfigDict, or its dict form as a
+    checkpoint stores it (`image_size` included: the ViT's position embedding depends on it).
 
     Resolves `variant` to (width, depth, heads), applies `depth` > 0 as an override, maps
     the `dtype` string to a compute dtype (params stay float32) and reads `remat` (default off).
@@ -149,7 +150,8 @@ def build_model(model_config: Mapping, image_size: int) -> StableRepModel:
     language = {k: _get(model_config, k, d) for k, d in _LANGUAGE_DEFAULTS.items()}
     return StableRepModel(
         width=width, depth=depth, num_heads=heads,
-        patch_size=int(_get(model_config, "patch_size", 16)), image_size=int(image_size),
+        patch_size=int(_get(model_config, "patch_size", 16)),
+        image_size=int(_get(model_config, "image_size")),
         mlp_dim=int(_get(model_config, "mlp_dim")), emb_dim=int(_get(model_config, "emb_dim")),
         add_language=add_language,
         text_width=int(language["text_width"]), text_depth=int(language["text_depth"]),
