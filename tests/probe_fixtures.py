@@ -22,7 +22,7 @@ def save_tiny_encoder(directory: str, seed: int = 0, dtype: str = "float32") -> 
     """A 1-block ViT-Tiny (width 192, 32px, patch 8), random init, saved like `train` does
     (`dtype` is the compute dtype its model config records, as a bf16 training run's does)."""
     model_config = {**MODEL_CONFIG, "dtype": dtype}
-    model = build_model(model_config, IMAGE_SIZE)
+    model = build_model(model_config)
     variables = model.init(jax.random.PRNGKey(seed),
                            jnp.zeros((2, 2, IMAGE_SIZE, IMAGE_SIZE, 3)), train=False)
     checkpoint.save_model(directory, 0, variables["params"], variables.get("batch_stats", {}),

@@ -60,7 +60,7 @@ def test_paper_presets_match_the_reference_table(preset):
     # --beta2 0.98, ViT-B/16, --ssl-temp 0.1, --ssl-mlp-dim 4096, --ssl-emb-dim 256,
     # --ssl-w1/--ssl-w2 1.0, --vl-projection linear, --num_crop 1, min_lr 0.
     assert (c.optim.blr, c.optim.weight_decay, c.optim.b1, c.optim.b2) == (2e-4, 0.1, 0.9, 0.98)
-    assert (c.model.variant, c.model.patch_size, c.data.image_size) == ("base", 16, 224)
+    assert (c.model.variant, c.model.patch_size, c.model.image_size) == ("base", 16, 224)
     assert (c.loss.temperature, c.loss.temperature_cosine) == (0.1, False)
     assert (c.model.mlp_dim, c.model.emb_dim, c.data.num_crop) == (4096, 256, 1)
     assert (c.loss.w1, c.loss.w2, c.model.vl_projection) == (1.0, 1.0, "linear")
@@ -98,7 +98,7 @@ def test_every_train_preset_builds_the_reference_schedule(preset):
     assert float(schedule(halfway)) == pytest.approx(peak / 2, rel=1e-3)
     assert float(schedule(total)) == pytest.approx(0.0, abs=peak * 1e-6)
     assert float(schedule(total - max(1, total // 100))) > 0.0
-    build_model(c.model, c.data.image_size)   # the variant, dtype and widths resolve
+    build_model(c.model)   # the variant, dtype, widths and image size resolve
 
 
 def test_reference_lr_matches_ours_step_by_step():
@@ -198,3 +198,45 @@ def test_bad_override_fails_before_the_job_and_names_the_key(override, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert "BLR" not in result.stdout
+
+
+_IMAGE_SIZE_JOB = ("from stablerep_jax import cli, train; "
+                   "from stablerep_jax.data import augment; "
+                   "from stablerep_jax.models.encoder import build_model; "
+                   "cli.run(lambda c: train.check_image_size(c) or print('SIZES', "
+                   "build_model(c.model).image_size, "
+                   "augment.AugmentSpec.from_config(c.data).size))")
+
+
+def _run_image_size_job(*args):
+    return subprocess.run([sys.executable, "-c", _IMAGE_SIZE_JOB, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_one_image_size_override_sets_the_model_and_the_crop():
+    """--config.model.image_size reaches the ViT and the input pipeline's crop size."""
+    result = _run_image_size_job("--config=configs/stablerep.py:tiny",
+                                 "--config.model.image_size=48")
+    assert result.returncode == 0, result.stderr
+    assert "SIZES 48 48" in result.stdout
+
+
+def test_setting_the_old_data_image_size_names_the_new_key():
+    result = _run_image_size_job("--config=configs/stablerep.py:tiny",
+                                 "--config.data.image_size=48")
+    assert result.returncode != 0
+    assert "moved to model.image_size" in result.stderr
+    assert "--config.model.image_size=48" in result.stderr
+    assert "SIZES" not in result.stdout
+
+
+@pytest.mark.parametrize("preset", _presets(STABLEREP))
+def test_every_train_preset_has_one_image_size(preset):
+    """data.image_size (read by the pipeline) follows model.image_size in every preset, also
+    when the model's is changed in Python after loading."""
+    from stablerep_jax import train
+    c = _load(preset)
+    train.check_image_size(c)
+    c.model.image_size = 40
+    assert c.data.image_size == 40
+    train.check_image_size(c)

@@ -55,7 +55,7 @@ def test_weight_decay_groups_match_the_reference_rule():
     """misc.add_weight_decay: no decay where ndim < 2 or the name holds 'bias', 'ln' or 'bn'."""
     c = config_utils.load_config(STABLEREP + ":tiny")
     c.model.add_language = True
-    model = build_model(c.model, c.data.image_size)
+    model = build_model(c.model)
     params = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros((2, 2, 32, 32, 3)), jnp.zeros((2, 77), jnp.int32),
         train=False))["params"]
