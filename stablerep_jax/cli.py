@@ -54,9 +54,20 @@ def _config_spec(argv: Sequence[str], default: str | None) -> str | None:
     return spec
 
 
+# Config keys that became the multi-process flags of `define_job_flags`: a stale override names
+# the flag to pass instead (generate and import_images took their hosts from these keys).
+MOVED_TO_FLAGS = {"process_index": "--process_id", "process_count": "--num_processes"}
+
+
 def check_override_keys(config, keys: Sequence[str], spec: str) -> None:
     """Raises KeyError naming the first override key that the config does not have."""
     for dotted in keys:
+        if dotted in MOVED_TO_FLAGS and dotted not in config:
+            raise KeyError(
+                f"--config.{dotted} is no longer a config key ({spec}): pass "
+                f"{MOVED_TO_FLAGS[dotted]} instead, with --coordinator_address, --num_processes "
+                "and --process_id as for every job (on TPU pods and SLURM leave them unset: "
+                "JAX finds the hosts)")
         find_key(config, dotted, origin=f"from --config.{dotted} in {spec}")
 
 
@@ -72,10 +83,13 @@ class _QuietLibraries(std_logging.Filter):
                 or not any(part in record.pathname for part in _CHATTY_LIBRARIES))
 
 
-def define_job_flags(workdir_help: str) -> None:
-    """`--workdir` (required) and the multi-process flags that `parallel.start_job` reads;
-    on TPU pods and under SLURM the process flags can stay unset (auto-detected)."""
-    flags.DEFINE_string("workdir", None, workdir_help, required=True)
+def define_job_flags(workdir_help: str | None) -> None:
+    """`--workdir` (required; None: no such flag, for jobs whose config names their output, as
+    generate's and import_images' `output_dir`) and the multi-process flags that
+    `parallel.start_job` reads; on TPU pods and under SLURM the process flags can stay unset
+    (auto-detected)."""
+    if workdir_help is not None:
+        flags.DEFINE_string("workdir", None, workdir_help, required=True)
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process)")
     flags.DEFINE_integer("num_processes", None, "number of processes (multi-process)")
     flags.DEFINE_integer("process_id", None, "this process's index (multi-process)")
