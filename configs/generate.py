@@ -12,9 +12,10 @@ Presets:
   sd15_laion  the same with 2 images per caption (the LAION subset of StableRep++)
   tiny        a tiny local model on CPU (tests, the demo): 32x32, 3 DDIM steps, float32, PNG
 
-Rerunning the same command resumes: finished shards are kept, unfinished ones redone. Without
-`jax.distributed` (independent machines), give each one --config.process_index=I and
---config.process_count=N; host 0 writes manifest.json once every shard is there (rerun it last).
+Rerunning the same command resumes: finished shards are kept, unfinished ones redone. Hosts
+join as in every job: JAX finds them on TPU pods and SLURM, elsewhere pass
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I; host H writes shards H, H + N,
+... and host 0 writes manifest.json once every host is done.
 """
 import ml_collections
 from ml_collections import config_dict
@@ -55,8 +56,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.num_workers = 8            # threads resizing and encoding images
     c.contact_sheet_captions = 8  # rows of contact_sheet.png (0: none)
     c.stop_after_shards = 0      # > 0: stop after this many new shards (time-boxed jobs)
-    c.process_index = config_dict.placeholder(int)   # default: jax.process_index()
-    c.process_count = config_dict.placeholder(int)   # default: jax.process_count()
 
     if preset == "sd15_laion":
         c.images_per_caption = 2

@@ -12,6 +12,9 @@ Folder of caption groups (one sub-folder per caption: caption.txt + its images):
 
   python -m stablerep_jax.import_images --config=configs/import_images.py \
       --config.folder=/data/groups --config.output_dir=/data/groups_tfrecords
+
+Every host of a pod or SLURM job runs the same command (host H writes shards H, H + N, ...;
+host 0 the manifest); elsewhere pass --coordinator_address, --num_processes and --process_id.
 """
 import ml_collections
 from ml_collections import config_dict
@@ -33,8 +36,4 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.check_first = True        # look for missing files before writing anything
     c.seeds = config_dict.placeholder(str)       # comma-separated seed per root; default 0..K-1
     c.num_workers = 16          # threads reading and encoding images
-    # Unset: from jax.distributed (every host of a pod runs the job; host H writes shards
-    # H, H + N, ...; host 0 the manifest). Set both to run the hosts' shares uncoordinated.
-    c.process_index = config_dict.placeholder(int)
-    c.process_count = config_dict.placeholder(int)
     return c

@@ -15,8 +15,10 @@ writes its shards straight to the bucket; see `fileio.py`):
   summary.json                   images, seconds, images/s: totals over every run that wrote
                                  shards here, and each run (per host: summary.host-I-of-N.json)
 
-Hosts: shard S belongs to host S mod process_count, so hosts never write the same file, and a
-host's share follows from (number of captions, captions_per_shard, process count) alone.
+Hosts join as in every job (`cli.define_job_flags`: JAX finds them on TPU pods and SLURM, or
+--coordinator_address, --num_processes, --process_id). Shard S belongs to host S mod
+process_count, so hosts never write the same file, and a host's share follows from (number of
+captions, captions_per_shard, process count) alone.
 Resume: a shard is written to a temporary name and renamed when complete (on GCS a copy and a
 delete, which still makes the final object in one step), so a rerun keeps every file with a
 final name and redoes the rest. A resume with the same devices and batch gives the same bytes
@@ -41,11 +43,11 @@ from stablerep_jax.generation import sampler as sampler_lib  # noqa: I001  isort
 
 import jax
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from PIL import Image
 from tqdm import tqdm
 
-from stablerep_jax import contact_sheet, fileio
+from stablerep_jax import cli, contact_sheet, fileio, parallel
 from stablerep_jax.data import records, shard_plan
 from stablerep_jax.generation import captions as captions_lib
 
@@ -164,12 +166,6 @@ def encode_image(image: np.ndarray, *, save_size: int, image_format: str,
     if save_size and img.size != (save_size, save_size):
         img = img.resize((save_size, save_size), Image.Resampling.BICUBIC)
     return records.encode_image(img, image_format, jpeg_quality)
-
-
-def _process(config) -> tuple[int, int]:
-    index = jax.process_index() if config.process_index is None else config.process_index
-    count = jax.process_count() if config.process_count is None else config.process_count
-    return index, count
 
 
 def _summary_name(index: int, count: int) -> str:
@@ -398,11 +394,14 @@ def _run_entry(stats: dict, sampler: sampler_lib.Sampler | None, *, started: str
         per_device_batch=sampler.per_device_batch if sampler is not None else None)
 
 
-def run(config, *, sampler: sampler_lib.Sampler | None = None) -> dict:
+def run(config, *, sampler: sampler_lib.Sampler | None = None,
+        process_index: int | None = None, process_count: int | None = None) -> dict:
     """Generates this host's missing shards and (host 0) the manifest; returns this run's
     summary (summary.json also lists the earlier runs and their totals).
 
     `sampler` reuses an already built sampler (its model and settings must match the config).
+    `process_index` / `process_count` default to JAX's; set them to run one host's share in a
+    single process (hosts run that way one after another; host 0 last writes the full manifest).
     Every input problem raises before the model is loaded or anything is written.
     """
     wall_start = time.perf_counter()
@@ -415,7 +414,8 @@ def run(config, *, sampler: sampler_lib.Sampler | None = None) -> dict:
     settings = settings_of(config, captions)
     settings_path = os.path.join(output_dir, SETTINGS_NAME)
     settings_written = records.check_same_settings(settings_path, settings)
-    process_index, process_count = _process(config)
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
     shards = plan_shards(len(captions), config.captions_per_shard)
     mine = host_shards(shards, process_index, process_count)
     todo = [s for s in mine if not is_finished(output_dir, s)]
@@ -464,7 +464,7 @@ def run(config, *, sampler: sampler_lib.Sampler | None = None) -> dict:
         stats = generate_shards(sampler, todo, config, output_dir, captions,
                                 on_progress=lambda counts: save_summary(counts, False))
 
-    if process_count > 1 and config.process_count is None:
+    if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("stablerep_jax.generate: shards written")
     if process_index == 0:
@@ -487,13 +487,10 @@ def run(config, *, sampler: sampler_lib.Sampler | None = None) -> dict:
 
 
 def main(config):
-    from stablerep_jax import parallel
-    parallel.hide_accelerators_from_tensorflow()
-    if config.process_count is None:
-        parallel.initialize_distributed()
+    parallel.start_job(flags.FLAGS)
     run(config)
 
 
 if __name__ == "__main__":
-    from stablerep_jax import cli
+    cli.define_job_flags(None)      # outputs go to --config.output_dir
     cli.run(main)

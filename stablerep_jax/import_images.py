@@ -20,8 +20,9 @@ shards (each written atomically after its `shard_info/<shard>.json`: counts and 
 then `manifest.json` and `missing.txt`, which cover every shard on disk, whichever run or host
 wrote it. Rerunning after an interruption keeps finished shards; a rerun with another CSV,
 folder, roots, seeds, captions_per_shard or encoding stops and names each changed setting.
-On a pod every host runs the job: host H writes shards H, H + N, ...; host 0 alone writes
-settings.json, manifest.json and missing.txt.
+On a pod every host runs the job, joined as every job is (`cli.define_job_flags`: JAX finds
+the hosts on TPU pods and SLURM, or --coordinator_address, --num_processes, --process_id): host
+H writes shards H, H + N, ...; host 0 alone writes settings.json, manifest.json and missing.txt.
 """
 from __future__ import annotations
 
@@ -32,13 +33,14 @@ import json
 import os
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 import tensorflow as tf
-from absl import logging
+from absl import flags, logging
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from stablerep_jax import fileio, parallel
+from stablerep_jax import cli, fileio, parallel
 from stablerep_jax.data import layouts, records, shard_plan
 
 IMAGE_FORMATS = ("keep", *records.IMAGE_FORMATS)
@@ -190,10 +192,10 @@ def groups_fingerprint(groups: Sequence[layouts.CaptionGroup]) -> str:
     return digest.hexdigest()
 
 
-def _process(config) -> tuple[int, int]:
-    import jax
-    index = jax.process_index() if config.process_index is None else config.process_index
-    count = jax.process_count() if config.process_count is None else config.process_count
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """(this process, processes): JAX's unless given."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"process_index={index}, process_count={count}: need "
                          "0 <= process_index < process_count")
@@ -347,12 +349,17 @@ def _prepare(config, process_index: int, process_count: int) -> dict:
                 plan=plan, todo=todo)
 
 
-def run(config) -> dict | None:
+def run(config, *, process_index: int | None = None,
+        process_count: int | None = None) -> dict | None:
     """Imports this process's shards of the images the config names. Process 0 also writes
     settings.json (first) and manifest.json + missing.txt (last, over the whole output) and
-    returns the manifest; other processes return None."""
-    process_index, process_count = _process(config)
-    coordinated = process_count > 1 and config.process_count is None
+    returns the manifest; other processes return None.
+
+    `process_index` / `process_count` default to JAX's (every process of a `jax.distributed`
+    job checks, starts and fails together); set them to run one process's share on its own
+    (shares run one after another; process 0 last writes the outputs over all of them)."""
+    coordinated = jax.process_count() > 1
+    process_index, process_count = _process(process_index, process_count)
     job = parallel.run_together(lambda: _prepare(config, process_index, process_count),
                                 "import_images checks", coordinated)
     output_dir = config.output_dir
@@ -376,12 +383,10 @@ def run(config) -> dict | None:
 
 
 def main(config):
-    parallel.hide_accelerators_from_tensorflow()
-    if config.process_count is None:
-        parallel.initialize_distributed()
+    parallel.start_job(flags.FLAGS)
     run(config)
 
 
 if __name__ == "__main__":
-    from stablerep_jax import cli
+    cli.define_job_flags(None)      # outputs go to --config.output_dir
     cli.run(main)

@@ -263,15 +263,15 @@ def test_summary_keeps_every_run_and_a_failed_runs_finished_shards(
 def test_two_hosts_write_disjoint_shards_that_hold_every_caption_once(
         model, captions_file, sampler8, reference, tmp_path):
     out = tmp_path / "out"
-    host1 = generate.run(_config(model, captions_file, out, process_index=1, process_count=2),
-                         sampler=sampler8)
+    host1 = generate.run(_config(model, captions_file, out), sampler=sampler8,
+                         process_index=1, process_count=2)
     after_host1 = sorted(n for n in os.listdir(out) if n.endswith(records.SHARD_SUFFIX))
     assert after_host1 == ["train-00001-of-00003.tfrecord"] and host1["captions"] == 3
     assert not (out / records.MANIFEST_NAME).exists()            # host 0 writes it
     assert (out / "summary.host-00001-of-00002.json").exists()
 
-    host0 = generate.run(_config(model, captions_file, out, process_index=0, process_count=2),
-                         sampler=sampler8)
+    host0 = generate.run(_config(model, captions_file, out), sampler=sampler8,
+                         process_index=0, process_count=2)
     assert host0["captions"] == 4                                 # shards 0 and 2
     recs = _read_output(out)                                      # asserts no duplicates
     assert sorted(recs) == list(range(len(KEPT)))
@@ -282,18 +282,21 @@ def test_two_hosts_write_disjoint_shards_that_hold_every_caption_once(
 @pytest.mark.slow
 def test_two_jax_processes_split_the_shards_and_host0_writes_the_manifest(
         model, captions_file, reference, tmp_path):
-    """Two jax.distributed processes (2 CPU devices each) write disjoint shards; host 0 waits at
-    the barrier for both before the manifest and the contact sheet; images match one host."""
+    """Two processes of the command line join jax.distributed through the flags every job takes
+    (2 CPU devices each) and write disjoint shards; host 0 waits at the barrier for both before
+    the manifest and the contact sheet; images match one host."""
     out = tmp_path / "out"
     outputs = run_processes(os.path.join(REPO, "tests", "multiprocess_generate.py"), 2,
                             model, captions_file, out)
-    assert "process 0: 2 shards, 4 captions" in outputs[0]          # shards 0 and 2
-    assert "process 1: 1 shards, 3 captions" in outputs[1]          # shard 1
+    for i, output in enumerate(outputs):
+        assert f"process {i} of 2; 2 local of 4 global devices" in output, output[-3000:]
+    hosts = [json.loads((out / f"summary.host-0000{i}-of-00002.json").read_text())
+             for i in range(2)]
+    assert [(h["process_index"], h["process_count"]) for h in hosts] == [(0, 2), (1, 2)]
+    assert [(h["shards_written"], h["captions"]) for h in hosts] == [(2, 4), (1, 3)]
     manifest = records.read_manifest(str(out))
     assert manifest["complete"] and len(manifest["shards"]) == 3
     assert (out / generate.CONTACT_SHEET_NAME).exists()
-    assert (out / "summary.host-00000-of-00002.json").exists()
-    assert (out / "summary.host-00001-of-00002.json").exists()
     recs = _read_output(out)                                        # asserts no duplicates
     assert sorted(recs) == list(range(len(KEPT)))
     assert all(recs[c].images == reference[2][c].images for c in recs)
@@ -410,6 +413,21 @@ def test_command_line_reports_a_missing_captions_file(model, tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "none.txt' does not exist" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stale, flag", [("process_index=1", "--process_id"),
+                                         ("process_count=2", "--num_processes")])
+def test_command_line_names_the_flag_that_replaced_a_process_key(stale, flag, tmp_path):
+    """Hosts come from the flags every job takes; the config keys that once set them are gone,
+    and a command that still passes one stops before any work, naming the flag to use."""
+    result = subprocess.run(
+        [sys.executable, "-m", "stablerep_jax.generate", "--config=configs/generate.py:tiny",
+         f"--config.output_dir={tmp_path / 'out'}", f"--config.{stale}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"--config.{stale.split('=')[0]} is no longer a config key" in result.stderr
+    assert f"pass {flag} instead" in result.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -282,19 +282,33 @@ def test_processes_write_disjoint_shards_and_process_0_the_outputs(tmp_path):
     os.remove(gone)
     out = str(tmp_path / "out")
     fields = dict(csv=csv_path, roots=",".join(roots), on_missing="skip_caption",
-                  captions_per_shard=2, process_count=2)
-    assert import_images.run(_config(out, process_index=1, **fields)) is None
+                  captions_per_shard=2)
+    assert import_images.run(_config(out, **fields), process_index=1, process_count=2) is None
     host1 = sorted(n for n in os.listdir(out) if n.endswith(".tfrecord"))
     assert host1 == [f"train-{i:05d}-of-00005.tfrecord" for i in (1, 3)]
     assert not {records.MANIFEST_NAME, import_images.MISSING_REPORT} & set(os.listdir(out))
 
-    manifest = import_images.run(_config(out, process_index=0, **fields))
+    manifest = import_images.run(_config(out, **fields), process_index=0, process_count=2)
     assert manifest["num_shards"] == 5 and manifest["complete"]
     assert manifest["num_captions"] == 9 and manifest["skipped_images"] == 1
     assert [r.caption_id for r in _all_records(out, manifest)] == [i for i in range(10) if i != 8]
     assert gone in _read_bytes(os.path.join(out, import_images.MISSING_REPORT)).decode()
     with pytest.raises(ValueError, match="process_index=2, process_count=2"):
-        import_images.run(_config(out, process_index=2, **fields))
+        import_images.run(_config(out, **fields), process_index=2, process_count=2)
+
+
+def test_command_line_names_the_flag_that_replaced_process_index(tmp_path):
+    """Processes come from the flags every job takes (`cli.define_job_flags`); a command that
+    still sets the old config key stops before any work, naming the flag to use."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "stablerep_jax.import_images", "--config=configs/import_images.py",
+         f"--config.folder={tmp_path}", f"--config.output_dir={out}", "--config.process_index=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "--config.process_index is no longer a config key" in result.stderr
+    assert "pass --process_id instead" in result.stderr
+    assert not out.exists()
 
 
 def test_csv_paths_outside_the_roots_are_refused_naming_the_row(tmp_path):
