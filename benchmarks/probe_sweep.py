@@ -5,6 +5,8 @@ shortcut costs in accuracy against the reference protocol.
   python benchmarks/probe_sweep.py --num 1281167 --dim 768 --classes 1000 --batch 1024 \
       --epochs 2 --no-separate                                      # ImageNet-sized, accelerator
   python benchmarks/probe_sweep.py --compare-modes                  # accuracy gap, tiny case
+  python benchmarks/probe_sweep.py --epoch-timing --num 1281167 --dim 768 --classes 1000 \
+      --batch 1024 --lrs 10                                         # cached features: now vs old
 
 Sweep speed: random features stand in for frozen CLS features. Both sides run the same code
 (`linear_probe.train_heads_on_features`): once with all H lrs stacked (one vmapped update per
@@ -17,17 +19,34 @@ on toy-world renders labelled by one caption attribute, once with mode "augmente
 reference: RandomResizedCrop + flip every epoch) and once with "cached_features" (centre crops
 extracted once), same lrs, epochs and evaluation cadence; prints the best top-1 of each. It is a
 tiny case that runs on a CPU, not a prediction of the ImageNet gap. Nothing is asserted.
+
+Epoch timing (`--epoch-timing`): seconds per epoch and per test evaluation of the cached-features
+mode on random features, for (a) the code `linear_probe` runs today (features put on the devices
+once, replicated; each epoch uploads only its [steps, batch] int32 order and gathers the rows on
+the devices; the evaluator uploads the test features once and is compiled once) and (b) the path
+it replaced (commit 0e96d18), rebuilt here as the baseline: the features stay host numpy, each
+epoch permutes them with numpy (`feats[order]`) and uploads the permuted copy sharded over
+`data`, and each evaluation builds a new jit of a new partial and uploads the test features again.
+Both use the same initial heads and data order, so they train the same heads. Epoch 1 includes
+compilation and is reported apart; the rest are averaged. Prints the bytes each moves host ->
+device per epoch and per evaluation. On a CPU the "device" is the host: an upload is a memory
+copy, not a PCIe or ICI transfer, so the numbers there say what the copies cost on that machine.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import os
+import resource
 import sys
 import tempfile
 import time
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from stablerep_jax import checkpoint, config_utils, linear_probe, parallel  # noqa: E402
@@ -47,9 +66,7 @@ def timed(fn) -> float:
 
 
 def sweep_speed(args) -> None:
-    rng = np.random.default_rng(0)
-    feats = rng.normal(size=(args.num, args.dim)).astype(np.float32)
-    labels = rng.integers(0, args.classes, args.num)
+    feats, labels, _ = random_features(args.num, args.dim, args.classes, 0.0, 0)
     lrs = tuple(np.geomspace(0.001, 0.5, args.lrs) * args.batch / 256)
     mesh = parallel.make_mesh()
 
@@ -67,6 +84,191 @@ def sweep_speed(args) -> None:
     separate = sum(timed(lambda lr=lr: run((lr,))) for lr in lrs)
     print(f"one per run  : {separate / args.epochs:8.3f} s/epoch summed over {args.lrs} runs")
     print(f"speed-up     : {separate / together:8.2f}x")
+
+
+# --------------------------------------------------------------------------------------------
+# Epoch timing: cached features on the devices (today) vs the host round trip (before)
+
+GB = 1e9
+
+
+def random_features(num: int, dim: int, classes: int, signal: float, seed: int,
+                    centroids: Optional[np.ndarray] = None, chunk: int = 1 << 16
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features [num, dim] f32, labels [num] int32, class centroids [classes, dim]): N(0, 1)
+    noise plus `signal` x the label's centroid (0 = pure noise; ~1 separates the classes). Drawn
+    in float32 and in chunks, so the only big array alive is the result."""
+    rng = np.random.default_rng(seed)
+    if centroids is None:
+        centroids = rng.standard_normal((classes, dim), dtype=np.float32)
+    labels = rng.integers(0, classes, num).astype(np.int32)
+    feats = np.empty((num, dim), np.float32)
+    for start in range(0, num, chunk):
+        part = feats[start:start + chunk]
+        rng.standard_normal(part.shape, dtype=np.float32, out=part)
+        if signal:
+            part += np.float32(signal) * centroids[labels[start:start + chunk]]
+    return feats, labels, centroids
+
+
+def _upload(mesh, array: np.ndarray, spec: P) -> jax.Array:
+    """Host numpy -> a global array with `spec`, each device filled from the host copy."""
+    return jax.make_array_from_callback(array.shape, NamedSharding(mesh, spec),
+                                        lambda index: array[index])
+
+
+def host_round_trip_runner(feats: np.ndarray, labels: np.ndarray, hp, batch_size: int, mesh,
+                           seed: int, phases: dict) -> Callable:
+    """The cached-features epoch before commit 959ef73 (rebuilt as the baseline): the features
+    are host numpy; each epoch permutes them with numpy into [steps, batch, D], uploads that copy
+    sharded over `data` and scans it. Appends each phase's seconds to `phases[name]`."""
+    steps = len(feats) // batch_size
+    spec = P(None, parallel.DATA_AXIS)
+
+    def epoch(state, f, l):
+        return jax.lax.scan(functools.partial(linear_probe.head_step, hp=hp), state, (f, l))
+
+    rep, data = parallel.replicated(mesh), NamedSharding(mesh, spec)
+    epoch_fn = jax.jit(epoch, in_shardings=(rep, data, data), out_shardings=(rep, rep),
+                       donate_argnums=(0,))
+
+    def run_epoch(state, epoch_index):
+        start = time.perf_counter()
+        order = linear_probe._epoch_order(seed, epoch_index, len(feats), steps, batch_size)
+        f, l = feats[order], labels[order]     # a permuted host copy
+        permuted = time.perf_counter()
+        f_dev, l_dev = jax.block_until_ready((_upload(mesh, f, spec), _upload(mesh, l, spec)))
+        del f, l
+        uploaded = time.perf_counter()
+        state, losses = jax.block_until_ready(epoch_fn(state, f_dev, l_dev))
+        for name, seconds in (("permute", permuted - start), ("upload", uploaded - permuted),
+                              ("scan", time.perf_counter() - uploaded)):
+            phases.setdefault(name, []).append(seconds)
+        return state, losses.mean(axis=0)
+
+    return run_epoch
+
+
+def rejit_evaluate(state, feats: np.ndarray, labels: np.ndarray, num_classes: int, use_bn: bool,
+                   mesh, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluation before commit 959ef73 (rebuilt as the baseline): every call jits a new
+    partial (so it traces and compiles again) and uploads the test features chunk by chunk."""
+    n_dev = mesh.shape[parallel.DATA_AXIS]
+    chunk = max(n_dev, min(chunk, -(-len(feats) // n_dev) * n_dev) // n_dev * n_dev)
+    fn = jax.jit(functools.partial(linear_probe.correct_counts, use_bn=use_bn,
+                                   top_k=min(5, num_classes)),
+                 in_shardings=(parallel.replicated(mesh),) + (parallel.batch_sharded(mesh),) * 3,
+                 out_shardings=parallel.replicated(mesh))
+    hits1 = hits5 = 0
+    for start in range(0, len(feats), chunk):
+        part = slice(start, start + chunk)
+        valid = len(feats[part])
+        f = np.pad(np.asarray(feats[part], np.float32), ((0, chunk - valid), (0, 0)))
+        l = np.pad(np.asarray(labels[part], np.int32), (0, chunk - valid))
+        m = np.arange(chunk) < valid
+        c1, c5 = fn(state, *(_upload(mesh, a, P(parallel.DATA_AXIS)) for a in (f, l, m)))
+        hits1, hits5 = hits1 + np.asarray(c1), hits5 + np.asarray(c5)
+    return hits1 / len(feats), hits5 / len(feats)
+
+
+def _size(num_bytes: float) -> str:
+    return f"{num_bytes / GB:.2f} GB" if num_bytes >= 0.1 * GB else f"{num_bytes / 1e6:.1f} MB"
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB   # Linux: KiB
+
+
+def time_variant(run_epoch: Callable, evaluate: Callable, state, epochs: int,
+                 eval_calls: int) -> dict:
+    """Runs `epochs` epochs, then `eval_calls` evaluations, timing each (synchronised)."""
+    epoch_s = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        state, losses = run_epoch(state, epoch)
+        np.asarray(jax.device_get(losses))                 # what fit_heads does every epoch
+        epoch_s.append(time.perf_counter() - start)
+    eval_s, top1 = [], None
+    for _ in range(eval_calls):
+        start = time.perf_counter()
+        top1, _ = evaluate(state)
+        eval_s.append(time.perf_counter() - start)
+    return {"epoch_s": epoch_s, "eval_s": eval_s, "top1": np.asarray(top1),
+            "kernel": np.asarray(jax.device_get(state.kernel)), "peak_rss_gb": _peak_rss_gb()}
+
+
+def _steady(seconds: Sequence[float]) -> float:
+    """Mean seconds after the first call (which compiles); the first call if there is only one."""
+    return float(np.mean(seconds[1:] if len(seconds) > 1 else seconds))
+
+
+def epoch_timing(args, mesh=None) -> dict:
+    """Times (a) today's cached-features path and (b) the host round trip it replaced, on the
+    same random features, heads and data order; returns both variants' timings and results."""
+    if args.epochs < 2:
+        raise ValueError(f"--epochs {args.epochs}: need >= 2 (epoch 1 compiles; the rest are "
+                         "timed)")
+    mesh = mesh if mesh is not None else parallel.make_mesh()
+    train_f, train_l, centroids = random_features(args.num, args.dim, args.classes, args.signal, 0)
+    test_f, test_l, _ = random_features(args.test_num, args.dim, args.classes, args.signal, 1,
+                                        centroids)
+    steps = args.num // args.batch
+    if steps == 0:
+        raise ValueError(f"--batch {args.batch} is larger than --num {args.num}")
+    lrs = tuple(np.geomspace(0.001, 0.5, args.lrs) * args.batch / 256)
+    hp = linear_probe.make_hparams(lrs, args.epochs, steps, use_bn=args.use_bn)
+
+    def fresh_state():
+        return jax.device_put(linear_probe.init_heads(0, args.lrs, args.dim, args.classes),
+                              parallel.replicated(mesh))
+
+    results = {"num": args.num, "dim": args.dim, "classes": args.classes, "batch": args.batch,
+               "steps": steps, "heads": args.lrs, "test_num": args.test_num,
+               "devices": mesh.size, "platform": jax.devices()[0].platform,
+               "train_gb": train_f.nbytes / GB}
+    # (a) today: the features go up once; an epoch uploads its int32 order only.
+    start = time.perf_counter()
+    run_epoch = linear_probe.cached_epoch_runner(train_f, train_l, hp, args.batch, mesh)
+    evaluate = linear_probe.make_evaluator(test_f, test_l, args.classes, args.use_bn, mesh)
+    setup_s = time.perf_counter() - start
+    a = time_variant(run_epoch, evaluate, fresh_state(), args.epochs, args.eval_calls)
+    a.update(setup_s=setup_s, epoch_bytes=steps * args.batch * 4, eval_bytes=0)
+    results["on_device"] = a
+    del run_epoch, evaluate                                   # free the device copy before (b)
+    gc.collect()
+    # (b) before: permute on the host, upload the permuted copy, every epoch.
+    phases: dict = {}
+    run_epoch = host_round_trip_runner(train_f, train_l, hp, args.batch, mesh, 0, phases)
+    b = time_variant(run_epoch, functools.partial(
+        rejit_evaluate, feats=test_f, labels=test_l, num_classes=args.classes,
+        use_bn=args.use_bn, mesh=mesh), fresh_state(), args.epochs, args.eval_calls)
+    b.update(setup_s=0.0, phases={k: _steady(v) for k, v in phases.items()},
+             epoch_bytes=steps * args.batch * (args.dim * 4 + 4),
+             eval_bytes=test_f.nbytes + test_l.nbytes + args.test_num)
+    results["host_round_trip"] = b
+    return results
+
+
+def print_epoch_timing(r: dict) -> None:
+    a, b = r["on_device"], r["host_round_trip"]
+    print(f"{r['num']} x {r['dim']} random f32 features ({r['train_gb']:.2f} GB), {r['classes']} "
+          f"classes, batch {r['batch']} ({r['steps']} steps/epoch), {r['heads']} heads; "
+          f"{r['test_num']} test; {r['devices']} device(s) ({r['platform']})")
+    for name, v in (("(a) on device, today  ", a), ("(b) host round trip   ", b)):
+        print(f"{name}: epoch 1 (compiles) {v['epoch_s'][0]:7.2f} s, then "
+              f"{_steady(v['epoch_s']):7.2f} s/epoch; evaluation {_steady(v['eval_s']):6.2f} s "
+              f"per call (first {v['eval_s'][0]:.2f} s); host->device "
+              f"{_size(v['epoch_bytes'])}/epoch, {_size(v['eval_bytes'])}/evaluation; peak RSS "
+              f"{v['peak_rss_gb']:.1f} GB")
+    print(f"    (a) one-off setup (features up once, evaluator built): {a['setup_s']:.2f} s")
+    print("    (b) per epoch: " + ", ".join(f"{k} {v:.2f} s" for k, v in b["phases"].items())
+          + " (after epoch 1)")
+    print(f"ratio (b)/(a): {_steady(b['epoch_s']) / _steady(a['epoch_s']):.2f}x per epoch, "
+          f"{_steady(b['eval_s']) / _steady(a['eval_s']):.2f}x per evaluation; best top-1 "
+          f"(a) {a['top1'].max():.4f}, (b) {b['top1'].max():.4f}")
+    if r["platform"] == "cpu":
+        print("note: on a CPU the devices are the host, so (b)'s upload is a memory copy, not a "
+              "PCIe/ICI transfer; the ratio is what the copies cost on this machine")
 
 
 def save_random_encoder(directory: str, seed: int) -> str:
@@ -94,7 +296,8 @@ def mode_gap(args) -> None:
         encoder = save_random_encoder(os.path.join(root, f"encoder{seed}"), seed)
         row = {}
         for mode in ("augmented", "cached_features"):
-            c = config_utils.load_config(os.path.join(REPO, "configs", "linear_probe.py") + ":folder")
+            c = config_utils.load_config(
+                os.path.join(REPO, "configs", "linear_probe.py") + ":folder")
             c.checkpoint, c.dataset, c.mode = encoder, f"folder:{folder}", mode
             c.epochs, c.batch_size, c.eval_every = args.gap_epochs, args.gap_batch, args.eval_every
             c.use_bn, c.seed, c.knn.enabled = args.use_bn, seed, False
@@ -112,7 +315,7 @@ def mode_gap(args) -> None:
           f"gap (augmented - cached) {np.mean(aug - cached):+.4f} over {len(rows)} encoders")
 
 
-def main() -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num", type=int, default=8192, help="training examples")
     parser.add_argument("--dim", type=int, default=384, help="feature width")
@@ -122,6 +325,16 @@ def main() -> None:
     parser.add_argument("--lrs", type=int, default=10, help="heads in the sweep")
     parser.add_argument("--no-separate", action="store_true",
                         help="time only the side-by-side sweep (for ImageNet-sized features)")
+    parser.add_argument("--epoch-timing", action="store_true",
+                        help="time cached-features epochs: on the devices (today) vs the host "
+                             "round trip it replaced")
+    parser.add_argument("--test-num", type=int, default=50_000,
+                        help="--epoch-timing: test examples (ImageNet val: 50000)")
+    parser.add_argument("--eval-calls", type=int, default=2,
+                        help="--epoch-timing: evaluations timed per variant (first compiles)")
+    parser.add_argument("--signal", type=float, default=0.0,
+                        help="--epoch-timing: class-centroid scale added to the noise (0: "
+                             "random labels; ~1: separable)")
     parser.add_argument("--compare-modes", action="store_true",
                         help="measure augmented vs cached_features top-1 on a tiny case instead")
     parser.add_argument("--attribute", default="shape", choices=tuple(toy_world.ATTRIBUTE_VALUES))
@@ -133,9 +346,15 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--use-bn", action="store_true")
     parser.add_argument("--seeds", type=int, default=3, help="random encoders to average over")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = make_parser().parse_args(argv)
     if args.compare_modes:
         mode_gap(args)
+    elif args.epoch_timing:
+        print_epoch_timing(epoch_timing(args))
     else:
         sweep_speed(args)
 

@@ -131,3 +131,37 @@ def test_remat_lowers_temporaries_on_the_tpu_compiler():
     off, on = memory.measure(args)["rows"]
     assert on["temp"] < 0.5 * off["temp"], (on["temp"], off["temp"])
     assert on["flops"] > off["flops"]
+
+
+def _benchmark_module(script: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(script.replace(".py", "_bench"),
+                                                  os.path.join(REPO, "benchmarks", script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_probe_epoch_timing_trains_the_same_heads_on_device_and_through_the_host(capsys):
+    """--epoch-timing's two cached-features paths (today's on-device epoch, and the host round
+    trip it replaced) learn separable random data, to the same accuracy and the same heads (same
+    init and data order); (b) uploads the permuted features every epoch, (a) only the order."""
+    import numpy as np
+
+    bench = _benchmark_module("probe_sweep.py")
+    args = bench.make_parser().parse_args([
+        "--epoch-timing", "--num", "2048", "--dim", "32", "--classes", "10", "--batch", "256",
+        "--lrs", "2", "--epochs", "3", "--test-num", "500", "--signal", "1"])
+    r = bench.epoch_timing(args)
+    a, b = r["on_device"], r["host_round_trip"]
+    assert r["steps"] == 8
+    for v in (a, b):
+        assert len(v["epoch_s"]) == 3 and len(v["eval_s"]) == 2
+        assert v["top1"].max() > 0.9                              # chance: 0.1
+    np.testing.assert_allclose(a["kernel"], b["kernel"], rtol=1e-4, atol=1e-5)
+    assert np.max(np.abs(a["top1"] - b["top1"])) <= 1 / 500
+    assert a["epoch_bytes"] == 2048 * 4
+    assert b["epoch_bytes"] == 2048 * (32 * 4 + 4)
+    assert b["eval_bytes"] == 500 * (32 * 4 + 4 + 1)
+    bench.print_epoch_timing(r)
+    assert "ratio (b)/(a)" in capsys.readouterr().out
