@@ -23,6 +23,10 @@ SAFE_TO_CHANGE = ("stop_at_step", "checkpoint_every", "keep_checkpoints", "log_e
 DATA_FILES = "data.files"          # the shards' names and record counts
 PROCESS_COUNT = "process_count"    # hosts: each reads its own slice of the files
 
+# Keys that moved (old name -> new name). A run saved before a move is read as if written with
+# the new name, so resuming it across the move compares like with like.
+MOVED_KEYS = {"data.image_size": "model.image_size"}
+
 META_TRAIN_CONFIG = "train_config"
 META_DATA_FILES = "data_files"
 META_PROCESS_COUNT = "process_count"
@@ -80,9 +84,20 @@ def _missing(value) -> str:
 _ABSENT = object()
 
 
+def _with_moved_keys(flat: dict) -> dict:
+    """A saved config's leaves with each `MOVED_KEYS` entry also under its new name."""
+    out = dict(flat)
+    for old_key, new_key in MOVED_KEYS.items():
+        if new_key not in out and old_key in out:
+            out[new_key] = out[old_key]
+    return out
+
+
 def config_changes(saved_json: str, new_json: str) -> list[tuple[str, object, object]]:
-    """(key, old, new) for every leaf that differs, except `SAFE_TO_CHANGE`."""
-    old, new = _flatten(json.loads(saved_json)), _flatten(json.loads(new_json))
+    """(key, old, new) for every leaf that differs, except `SAFE_TO_CHANGE`; a saved config
+    from before a key moved (`MOVED_KEYS`) is compared under the new name."""
+    old = _with_moved_keys(_flatten(json.loads(saved_json)))
+    new = _flatten(json.loads(new_json))
     changes = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)

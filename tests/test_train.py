@@ -486,3 +486,22 @@ def test_metric_writer_on_a_url(ram_dir):
     writer.close()
     assert read_metrics(ram_dir) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.25}]
     assert tf.io.gfile.listdir(f"{ram_dir}/tensorboard")
+
+
+def _before_the_image_size_move(config) -> str:
+    """`config`'s JSON as runs saved it before image_size moved into the model config."""
+    import json
+    saved = json.loads(config.to_json_best_effort())
+    del saved["model"]["image_size"]
+    return json.dumps(saved)
+
+
+def test_a_run_saved_before_image_size_moved_resumes_with_the_same_size():
+    config = tiny_config("d/*.tfrecord")
+    saved = resume.run_identity(_before_the_image_size_move(config), [["a.tfrecord", 8]], 1)
+    resume.check_resume(saved, config.to_json_best_effort(), [["a.tfrecord", 8]], 1)
+    bigger = tiny_config("d/*.tfrecord", **{"model.image_size": 48})
+    with pytest.raises(resume.ResumeMismatch) as error:
+        resume.check_resume(saved, bigger.to_json_best_effort(), [["a.tfrecord", 8]], 1)
+    assert "model.image_size: 32 -> 48" in str(error.value)
+    assert "<absent>" not in str(error.value)
