@@ -22,7 +22,8 @@ that takes them (python -m stablerep_jax.jobs JOB) gets, in each task,
   --num_processes=\$SLURM_NTASKS --process_id=\$SLURM_PROCID
 Exit $EXIT_RESUME (train saved a checkpoint after SIGTERM) requeues the job; it resumes from --workdir.
 
-  --job JOB --config SPEC --workdir DIR   the job (python -m stablerep_jax.jobs lists them)
+  --job JOB --config SPEC --workdir DIR   the job (python -m stablerep_jax.jobs lists them);
+                         --workdir where it needs one (jobs --requires-workdir JOB)
   --nodes N (1)  --gpus-per-node G (8)  --time T (24:00:00)  --partition P  --account A
   --cpus-per-task N  --job-name NAME (stablerep-JOB)  --port PORT (12345)
   --sbatch-arg ARG       one more '#SBATCH ARG' line (repeatable), e.g. --sbatch-arg=--exclusive
@@ -120,7 +121,8 @@ check_args() {
   [[ -n $CONFIG || $JOB == demo ]] || die "missing required option --config (demo alone embeds one)"
   [[ -z $CONFIG || $CONFIG == /* || -f $REPO_ROOT/${CONFIG%%:*} ]] \
     || die "config file '${CONFIG%%:*}' (from --config $CONFIG) not found under $REPO_ROOT"
-  [[ $MODE != cluster-flags || -n $WORKDIR ]] || die "missing required option --workdir for --job $JOB"
+  [[ -n $WORKDIR || $(PYTHONPATH=$REPO_ROOT python3 -m stablerep_jax.jobs --requires-workdir "$JOB") == no ]] \
+    || die "missing required option --workdir for --job $JOB"
   ((NODES >= 1 && GPUS_PER_NODE >= 1)) || die "--nodes and --gpus-per-node must be at least 1"
   ((PORT >= 1024 && PORT <= 65535)) || die "--port must be in 1024-65535, got $PORT"
   [[ -n $JOB_NAME ]] || JOB_NAME=stablerep-$JOB

@@ -130,7 +130,7 @@ def test_job_list_is_the_package_s():
 def test_jobs_that_take_the_coordinator_flags():
     """Every job that calls cli.define_job_flags takes them, knn and linear_probe included."""
     flagged = {j for j in jobs.JOBS if "define_job_flags(" in (REPO / f"stablerep_jax/{j}.py").read_text()}
-    assert {"train", "linear_probe", "knn"} <= flagged
+    assert {"generate", "import_images", "train", "linear_probe", "knn"} <= flagged
     assert {j for j in jobs.JOBS if jobs.takes_cluster_flags(j)} == flagged
 
 
@@ -139,7 +139,11 @@ def test_jobs_command_line():
                                     capture_output=True, text=True, cwd="/", env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run().stdout.split() == list(jobs.JOBS)
     assert run("knn").stdout.strip() == "cluster-flags"
-    assert run("generate").stdout.strip() == "auto"
+    assert run("generate").stdout.strip() == "cluster-flags"
+    assert run("convert").stdout.strip() == "auto"
+    # generate and import_images write to their config's output_dir: no --workdir
+    assert [run("--requires-workdir", j).stdout.strip() for j in ("knn", "generate", "import_images",
+                                                                   "demo")] == ["yes", "no", "no", "no"]
     bad = run("fly")
     assert bad.returncode == 2 and "unknown job 'fly'" in bad.stderr and "linear_probe" in bad.stderr
 
@@ -292,21 +296,22 @@ def test_one_gpu_node_and_tpu_pods_get_no_coordinator_flags(fake_python3):
                        for a in run["argv"]), run["argv"]
 
 
-@pytest.mark.parametrize("job", ["knn", "linear_probe"])
-def test_run_job_gives_every_flagged_job_the_coordinator(job, fake_python3):
+@pytest.mark.parametrize("job, arg", [("knn", "--workdir=/w"), ("linear_probe", "--workdir=/w"),
+                                      ("generate", "--config.output_dir=/o")])
+def test_run_job_gives_every_flagged_job_the_coordinator(job, arg, fake_python3):
     env, records = fake_python3
-    result = subprocess.run(["bash", "launch/run_job.sh", job, "--workdir=/w"], cwd=REPO, capture_output=True,
+    result = subprocess.run(["bash", "launch/run_job.sh", job, arg], cwd=REPO, capture_output=True,
                             text=True, env={**env, "JAX_CLUSTER": "skypilot", "COORDINATOR_PORT": "2222",
                                             "SKYPILOT_NODE_IPS": "a\nb\nc", "SKYPILOT_NODE_RANK": "2"})
     assert result.returncode == 0, result.stderr
     (run,) = fake_runs(records)
-    assert run["argv"] == ["-m", f"stablerep_jax.{job}", "--workdir=/w", "--coordinator_address=a:2222",
+    assert run["argv"] == ["-m", f"stablerep_jax.{job}", arg, "--coordinator_address=a:2222",
                            "--num_processes=3", "--process_id=2"]
 
 
 @pytest.mark.parametrize("job, cluster, message", [
     ("fly", "auto", "unknown job 'fly'"),
-    ("generate", "skypilot", "generate takes no --coordinator_address"),
+    ("convert", "skypilot", "convert takes no --coordinator_address"),
     ("train", "slurm", "JAX_CLUSTER must be auto or skypilot"),
 ])
 def test_run_job_refuses_clearly(job, cluster, message, fake_python3):
@@ -392,12 +397,17 @@ def test_gpu_slurm_dry_run(tmp_path):
     assert not (tmp_path / "logs").exists()      # nothing written
 
 
-def test_gpu_slurm_generate_gets_no_coordinator_flags():
+def test_gpu_slurm_generate_gets_the_coordinator_and_no_workdir():
+    """generate writes to its config's output_dir (no --workdir needed) and joins its hosts
+    through the same flags as train; it is not requeued (only train saves on SIGTERM)."""
     result = ok(slurm("--job", "generate", "--config", "configs/generate.py", "--dry-run", "--",
                       "--config.output_dir=/shared/gen"))
     script = _sbatch_script(result.stdout)
-    assert "coordinator_address" not in script and "#SBATCH --requeue" not in script
+    assert "#SBATCH --requeue" not in script and "--workdir" not in script
     (srun,) = [argv_of(line[:-len(" || rc=$?")]) for line in script.splitlines() if line.startswith("srun ")]
+    task = srun.index("stablerep-task")
+    assert srun[task - 1] == ('exec "$@" --coordinator_address="$COORDINATOR_ADDRESS" '
+                              '--num_processes="$SLURM_NTASKS" --process_id="$SLURM_PROCID"')
     assert srun[-4:] == ["-m", "stablerep_jax.generate", "--config=configs/generate.py",
                          "--config.output_dir=/shared/gen"]
 
