@@ -7,7 +7,7 @@ part, written by both `convert` (step 0) and `train`, is the items
 
   params        StandardSave of the Flax params tree (float32)
   batch_stats   StandardSave of the BatchNorm running statistics (absent when the tree is empty)
-  model_config  JsonSave of the train config's `model` fields plus `image_size`
+  model_config  JsonSave of the train config's `model` section as is (`image_size` included)
 
 `train` adds `opt_state` and `meta` to the same steps (`TrainCheckpointer`). Which steps are
 finished is the manager's answer (`all_steps`): a step a kill left half-written is never read.

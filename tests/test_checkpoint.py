@@ -200,3 +200,31 @@ def test_probe_head_round_trip(tmp_path, ram_dir, where):
         np.testing.assert_array_equal(got[key], head[key])
         assert got[key].dtype == head[key].dtype
     assert not [n for n in tf.io.gfile.listdir(directory) if n.endswith(fileio.TMP_SUFFIX)]
+
+
+def test_a_checkpoint_saved_before_image_size_moved_loads_like_a_new_one(tmp_path):
+    """Before image_size moved into config.model, train saved the model section with the
+    data's image_size added at the top level; today it saves config.model as is. Both load
+    into the same encoder, built for the saved size."""
+    from stablerep_jax import config_utils, features
+    from stablerep_jax.models.encoder import build_model
+    model_section = config_utils.load_config(
+        os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "stablerep.py")
+        + ":tiny").model
+    model_section.image_size = 24
+    model_section.patch_size = 8
+    new_layout = model_section.to_dict()
+    old_layout = {**{k: v for k, v in new_layout.items() if k != "image_size"},
+                  "image_size": 24}
+    variables = build_model(new_layout).init(jax.random.PRNGKey(0),
+                                             np.zeros((1, 2, 24, 24, 3), np.float32), train=False)
+    images = np.random.default_rng(0).normal(size=(2, 24, 24, 3)).astype(np.float32)
+    feats = {}
+    for name, layout in (("old", old_layout), ("new", new_layout)):
+        checkpoint.save_model(tmp_path / name, 0, variables["params"],
+                              variables["batch_stats"], layout)
+        encoder = features.load_encoder(str(tmp_path / name))
+        assert encoder.image_size == encoder.model.image_size == 24
+        feats[name] = encoder.model.apply(encoder.variables, images,
+                                          method=type(encoder.model).encode_image)
+    np.testing.assert_array_equal(feats["old"], feats["new"])
