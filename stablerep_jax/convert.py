@@ -131,26 +131,24 @@ def describe_state_dict(state_dict: Mapping[str, np.ndarray], text_heads: int = 
     return {"prefix": prefix, "vit": vit, "has_head": has_head, "text": text}
 
 
-def model_config_for(description: dict, variant: str, image_size: int, mlp_dim: int,
-                     emb_dim: int) -> dict:
-    """The model config to build and save, after checking the weights against the config."""
+def model_config_for(description: dict, model_config: Mapping) -> dict:
+    """The model config to build and save: `model_config` (train's model section) with the
+    fields the weights fix read off them, after checking the weights against the config."""
     vit = description["vit"]
     prefix = description["prefix"]
+    variant, image_size = model_config["variant"], int(model_config["image_size"])
     if vit["variant"] != variant:
         raise ValueError(f"the checkpoint's ViT is {vit['variant']!r} ({prefix}cls_token width "
-                         f"{vit['width']}) but the config says variant={variant!r}; pass "
-                         f"--config.variant={vit['variant']} (or the matching preset)")
+                         f"{vit['width']}) but the config says model.variant={variant!r}; pass "
+                         f"--config.model.variant={vit['variant']} (or the matching preset)")
     if vit["image_size"] != image_size:
         raise ValueError(f"{prefix}pos_embed is sized for {vit['image_size']}px images "
                          f"(patch {vit['patch_size']}), but the config says "
-                         f"image_size={image_size}")
+                         f"model.image_size={image_size}")
     default_depth = VIT_VARIANTS[variant][1]
-    config = {
-        "variant": variant, "depth": 0 if vit["depth"] == default_depth else vit["depth"],
-        "patch_size": vit["patch_size"], "mlp_dim": int(mlp_dim), "emb_dim": int(emb_dim),
-        "dtype": "float32", "add_language": description["text"] is not None,
-        "image_size": int(image_size),
-    }
+    config = dict(model_config)
+    config.update(depth=0 if vit["depth"] == default_depth else vit["depth"],
+                  patch_size=vit["patch_size"], add_language=description["text"] is not None)
     if description["text"] is not None:
         config.update(description["text"])
     return config
@@ -303,12 +301,12 @@ def _exists_on_process_0(path) -> bool:
 def convert_pth(config) -> tuple[dict, dict]:
     """Reads and maps `config.pth`: (Flax variables, model config), with every check."""
     state_dict = strip_module_prefix(load_torch_state_dict(config.pth))
-    description = describe_state_dict(state_dict, config.text_heads, config.import_text)
-    model_config = model_config_for(description, config.variant, config.image_size,
-                                    config.mlp_dim, config.emb_dim)
+    description = describe_state_dict(state_dict, config.model.text_heads, config.import_text)
+    model_config = model_config_for(description, config.model.to_dict())
     logging.info("%s: ViT-%s depth %d patch %d at %dpx; head %s; text tower %s", config.pth,
-                 config.variant, description["vit"]["depth"], description["vit"]["patch_size"],
-                 config.image_size, "imported" if description["has_head"] else "absent",
+                 config.model.variant, description["vit"]["depth"],
+                 description["vit"]["patch_size"], config.model.image_size,
+                 "imported" if description["has_head"] else "absent",
                  "imported" if description["text"] else "absent")
     if not description["has_head"]:
         logging.warning("%s has no projection head (image_mlp.*): the head is randomly "

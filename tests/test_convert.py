@@ -56,7 +56,7 @@ def save_pth(path, state_dict, wrap=True):
 def convert_config(pth, output_dir, **overrides):
     config = config_utils.load_config(os.path.join(REPO, "configs", "convert.py") + ":tiny")
     config.pth, config.output_dir = pth, str(output_dir)
-    config.image_size, config.mlp_dim, config.emb_dim = SIZE, MLP, EMB
+    config.model.image_size, config.model.mlp_dim, config.model.emb_dim = SIZE, MLP, EMB
     config_utils.apply_overrides(config, overrides)
     return config
 
@@ -66,7 +66,7 @@ def images_nchw(n=3, seed=1):
 
 
 def encode(params, batch_stats, model_config, x_nchw):
-    model = build_model(model_config, model_config["image_size"])
+    model = build_model(model_config)
     x = np.ascontiguousarray(x_nchw.numpy().transpose(0, 2, 3, 1))
     return model.apply({"params": params, "batch_stats": batch_stats}, x,
                        method=StableRepModel.encode_image)
@@ -88,13 +88,16 @@ def test_released_layout_converts_and_matches_timm(close, tmp_path, visual_and_h
     params, batch_stats, model_config = checkpoint.load_model(tmp_path / "out")
     assert model_config["variant"] == "tiny" and model_config["depth"] == DEPTH
     assert model_config["image_size"] == SIZE and not model_config["add_language"]
+    # The layout train writes: its model section's fields, image_size among them.
+    train_model = config_utils.load_config(os.path.join(REPO, "configs", "stablerep.py")).model
+    assert set(model_config) == set(train_model.keys())
     x = images_nchw()
     with torch.no_grad():
         ref_cls = visual(x)
         ref_feats = head(ref_cls).numpy()
     close(encode(params, batch_stats, model_config, x), ref_cls.numpy(), 1e-4)
     # The head (weights and running statistics) came across too: eval-mode features match.
-    model = build_model(model_config, SIZE)
+    model = build_model(model_config)
     images = np.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1))[:, None]
     out = model.apply({"params": params, "batch_stats": batch_stats}, images, train=False)
     close(out["feats"], ref_feats, 1e-4)
@@ -122,7 +125,7 @@ def test_stablerep_pp_layout_imports_text_tower(close, tmp_path, visual_and_head
     extra["text_projection"] = torch.randn(TWIDTH, EMBED) * 0.1
     extra["logit_scale"] = torch.tensor(np.log(1 / 0.05), dtype=torch.float32)
     pth = save_pth(tmp_path / "pp.pth", released_state_dict(visual, head, text=extra))
-    convert.run(convert_config(pth, tmp_path / "out", text_heads=THEADS))
+    convert.run(convert_config(pth, tmp_path / "out", **{"model.text_heads": THEADS}))
     step_dir = tmp_path / "out" / "checkpoints" / "0"
     params, batch_stats, model_config = checkpoint.load_model(step_dir)
     assert model_config["add_language"] and model_config["embed_dim"] == EMBED
@@ -135,7 +138,7 @@ def test_stablerep_pp_layout_imports_text_tower(close, tmp_path, visual_and_head
     with torch.no_grad():
         ref_text = (text(torch.from_numpy(tokens)) @ extra["text_projection"]).numpy()
         ref_image = (visual(x) @ extra["image_projection"]).numpy()
-    model = build_model(model_config, SIZE)
+    model = build_model(model_config)
     images = np.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1))[:, None]
     out = model.apply({"params": params, "batch_stats": batch_stats}, images,
                       jnp.asarray(tokens, jnp.int32), train=False)
@@ -165,11 +168,11 @@ def test_shape_mismatch_names_the_key(tmp_path, visual_and_head):
     visual, head = visual_and_head
     pth = save_pth(tmp_path / "r.pth", released_state_dict(visual, head))
     with pytest.raises(ValueError, match=r"image_mlp\.layer1\.weight"):
-        convert.run(convert_config(pth, tmp_path / "o", mlp_dim=2 * MLP))
-    with pytest.raises(ValueError, match=r"variant='small'.*--config\.variant=tiny"):
-        convert.run(convert_config(pth, tmp_path / "o", variant="small"))
-    with pytest.raises(ValueError, match=r"pos_embed.*image_size=64"):
-        convert.run(convert_config(pth, tmp_path / "o", image_size=64))
+        convert.run(convert_config(pth, tmp_path / "o", **{"model.mlp_dim": 2 * MLP}))
+    with pytest.raises(ValueError, match=r"variant='small'.*--config\.model\.variant=tiny"):
+        convert.run(convert_config(pth, tmp_path / "o", **{"model.variant": "small"}))
+    with pytest.raises(ValueError, match=r"pos_embed.*model\.image_size=64"):
+        convert.run(convert_config(pth, tmp_path / "o", **{"model.image_size": 64}))
 
 
 def test_load_model_paths_steps_and_partial_restore(tmp_path):
@@ -226,7 +229,8 @@ def test_command_line(tmp_path, visual_and_head):
     cmd = [sys.executable, "-m", "stablerep_jax.convert",
            f"--config={os.path.join(REPO, 'configs', 'convert.py')}:tiny",
            f"--config.pth={pth}", f"--config.output_dir={tmp_path / 'out'}",
-           f"--config.image_size={SIZE}", f"--config.mlp_dim={MLP}", f"--config.emb_dim={EMB}"]
+           f"--config.model.image_size={SIZE}", f"--config.model.mlp_dim={MLP}",
+           f"--config.model.emb_dim={EMB}"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -271,7 +275,8 @@ def test_two_hosts_write_one_checkpoint(tmp_path, visual_and_head):
     pth = save_pth(tmp_path / "r.pth", released_state_dict(visual, head))
     args = [os.path.join(REPO, "tests", "multiprocess_writers.py"), 2, "convert", "convert.py:tiny",
             f"--config.pth={pth}", f"--config.output_dir={tmp_path / 'out'}",
-            f"--config.image_size={SIZE}", f"--config.mlp_dim={MLP}", f"--config.emb_dim={EMB}"]
+            f"--config.model.image_size={SIZE}", f"--config.model.mlp_dim={MLP}",
+            f"--config.model.emb_dim={EMB}"]
     outputs = run_processes(*args)
     for i, output in enumerate(outputs):
         assert "exit code 0" in output and f"process {i} of 2" in output, output[-3000:]
@@ -294,7 +299,8 @@ def test_a_host_that_cannot_read_the_weights_stops_every_host(tmp_path, visual_a
     outputs = run_processes(
         os.path.join(REPO, "tests", "multiprocess_writers.py"), 2, "convert", "convert.py:tiny",
         f"--config.pth={pth}", f"--config.output_dir={tmp_path / 'out'}",
-        f"--config.image_size={SIZE}", f"--config.mlp_dim={MLP}", f"--config.emb_dim={EMB}",
+        f"--config.model.image_size={SIZE}", f"--config.model.mlp_dim={MLP}",
+        f"--config.model.emb_dim={EMB}",
         f"@1:--config.pth={tmp_path / 'elsewhere.pth'}", timeout=300)
     assert "exit code 1" in outputs[1] and "elsewhere.pth" in outputs[1], outputs[1][-3000:]
     assert "exit code 1" in outputs[0] and "process(es) [1] failed" in outputs[0], \
