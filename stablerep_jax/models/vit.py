@@ -21,6 +21,7 @@ its parameters so that every timm tensor has exactly one Flax counterpart:
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -80,10 +81,44 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array,
     return jnp.einsum("nhqk,nkhd->nqhd", weights, v)
 
 
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          mask: Optional[jax.Array] = None,
+                          implementation: Optional[str] = None) -> jax.Array:
+    """`attention` through `jax.nn.dot_product_attention` (same [N, L, H, d] layout and mask).
+
+    `implementation` None lets JAX choose (JAX 0.10 always picks its XLA path, the same math as
+    `attention` with the scale applied to the logits); "cudnn" asks for cuDNN's fused (flash)
+    attention kernel, which exists only on NVIDIA GPUs and for bfloat16/float16 inputs.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+# model.attention -> the function every ViT block calls. "einsum" stays the default until an
+# accelerator run (benchmarks/accelerator.py) shows another one faster.
+ATTENTION_IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
+    "einsum": attention,
+    "dot_product": dot_product_attention,
+    "cudnn": functools.partial(dot_product_attention, implementation="cudnn"),
+}
+
+
+def check_attention(name: str, dtype: Dtype) -> None:
+    """Raises a ValueError naming model.attention for an unknown name or a dtype cuDNN lacks."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"model.attention={name!r}; choose one of "
+                         f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    if name == "cudnn" and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16),
+                                                    jnp.dtype(jnp.float16)):
+        raise ValueError(f"model.attention='cudnn' needs model.dtype bfloat16 (cuDNN's fused "
+                         f"attention has no {jnp.dtype(dtype).name} kernel); use 'einsum' or "
+                         f"'dot_product' for {jnp.dtype(dtype).name}")
+
+
 class Attention(nn.Module):
     """timm `Attention`: fused qkv projection (with bias), heads, output projection."""
     num_heads: int
     dtype: Dtype = jnp.float32
+    implementation: str = "einsum"   # a key of ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -93,7 +128,8 @@ class Attention(nn.Module):
         qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=_trunc_normal_02, name="qkv")(x)
         # timm reshapes qkv to [N, L, 3, heads, head_dim]: q, k, v are contiguous thirds.
         qkv = qkv.reshape(n, length, 3, self.num_heads, width // self.num_heads)
-        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        attend = ATTENTION_IMPLEMENTATIONS[self.implementation]
+        out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         out = out.reshape(n, length, width)
         return nn.Dense(width, dtype=self.dtype, kernel_init=_trunc_normal_02, name="proj")(out)
 
@@ -121,11 +157,12 @@ class Block(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        attn = Attention(self.num_heads, self.dtype, name="attn")
+        attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
         x = x + attn(_layer_norm("norm1", self.dtype)(x))
         hidden = int(width * self.mlp_ratio)
         return x + Mlp(hidden, self.dtype, name="mlp")(_layer_norm("norm2", self.dtype)(x))
@@ -145,6 +182,7 @@ class VisionTransformer(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
     remat: bool = False   # recompute each block's activations in the backward pass (less memory)
+    attention: str = "einsum"   # model.attention: a key of ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -154,6 +192,7 @@ class VisionTransformer(nn.Module):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
                              f"{self.patch_size}")
+        check_attention(self.attention, self.dtype)
         fan_in = 3 * self.patch_size * self.patch_size
         x = nn.Conv(self.width, (self.patch_size, self.patch_size),
                     strides=(self.patch_size, self.patch_size), padding="VALID",
@@ -170,7 +209,8 @@ class VisionTransformer(nn.Module):
         x = x + pos.astype(self.dtype)
         block = nn.remat(Block) if self.remat else Block   # same parameter tree either way
         for i in range(self.depth):
-            x = block(self.num_heads, self.mlp_ratio, self.dtype, name=f"blocks_{i}")(x)
+            x = block(self.num_heads, self.mlp_ratio, self.dtype, self.attention,
+                      name=f"blocks_{i}")(x)
         x = _layer_norm("norm", self.dtype)(x)
         return x[:, 0]
 
