@@ -366,6 +366,32 @@ def evaluate_heads(state: HeadState, feats: np.ndarray, labels: np.ndarray, num_
     return make_evaluator(feats, labels, num_classes, use_bn, mesh, chunk)(state)
 
 
+def sweep(config, run_epoch: Callable, dim: int, test: tuple, num_classes: int, mesh,
+          log: Optional[Callable] = None) -> FitResult:
+    """The probe config's lr sweep: one head per base lr, trained by `run_epoch` for
+    `config.epochs` and tested on `test` = (features, labels) every `config.eval_every` epochs."""
+    state = jax.device_put(init_heads(config.seed, len(config.base_lrs), dim, num_classes),
+                           parallel.replicated(mesh))
+    return fit_heads(state, run_epoch, config.epochs,
+                     make_evaluator(*test, num_classes, config.use_bn, mesh),
+                     eval_epochs(config.epochs, config.eval_every), log)
+
+
+def probe_cached(config, train: tuple, test: tuple, num_classes: int, mesh) -> dict:
+    """`summarize`d results of the probe config's sweep on cached features: `train` and
+    `test` are (features [N, D], labels [N]) every host holds in full. For callers that
+    extract features once and probe several labellings of them (the demo's attributes)."""
+    feats, labels = train
+    batch = effective_batch(config.batch_size, len(feats), mesh.shape[parallel.DATA_AXIS])
+    lrs = tuple(float(b) * batch / 256.0 for b in config.base_lrs)
+    hp = make_hparams(lrs, config.epochs, len(feats) // batch, config.momentum,
+                      config.weight_decay, config.warmup_epochs, config.use_bn)
+    run_epoch = cached_epoch_runner(feats, labels, hp, batch, mesh, config.seed)
+    fit = sweep(config, run_epoch, feats.shape[1], test, num_classes, mesh)
+    return {**summarize(fit, config.base_lrs, lrs), "batch_size": batch,
+            "num_classes": num_classes, "num_train": len(feats), "num_test": len(test[0])}
+
+
 # --------------------------------------------------------------------------------------------
 # The job
 
@@ -483,14 +509,10 @@ def run(config, workdir: str, mesh=None) -> dict:
         run_epoch = augmented_epoch_runner(data.train, encode_fn, variables, hp, batch,
                                            encoder.image_size, mesh, config.seed,
                                            config.shuffle_buffer)
-    state = jax.device_put(init_heads(config.seed, len(lrs), encoder.width, data.num_classes),
-                           parallel.replicated(mesh))
     writer = MetricWriter(workdir, keep_through_step=0)   # a probe starts over: no resume
     try:
-        fit = fit_heads(state, run_epoch, config.epochs,
-                        make_evaluator(test_f, test_l, data.num_classes, config.use_bn, mesh),
-                        eval_epochs(config.epochs, config.eval_every),
-                        _epoch_logger(writer, base_lrs))
+        fit = sweep(config, run_epoch, encoder.width, (test_f, test_l), data.num_classes, mesh,
+                    _epoch_logger(writer, base_lrs))
     finally:
         writer.close()
 

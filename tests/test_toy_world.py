@@ -99,7 +99,7 @@ def test_renders_of_one_caption_are_different_pictures():
 @pytest.mark.parametrize("color", T.COLORS)
 def test_renders_show_the_captions_colour(color):
     """Every render of a caption has object pixels, and they carry the named hue (the other
-    named hues are at least 0.07 of the wheel away; jitter is 0.012)."""
+    named hues are a sixth of the wheel away; jitter is 0.012)."""
     spec = T.CaptionSpec(2, "large", color, "square", "dotted")
     for k in range(4):
         pixels = _object_pixels(T.render(spec, np.random.default_rng(k), 48))
@@ -222,6 +222,71 @@ def test_probe_folder_rerun_returns_when_complete_and_refuses_other_settings(tmp
     assert os.path.getsize(image) > 0
     with pytest.raises(ValueError, match="seed: 0 -> 1"):
         T.write_toy_probe_folder(root, "shape", 1, 1, 16, 1)
+
+
+def test_named_hues_stay_apart_under_the_augmentations_hue_jitter():
+    """The strong recipe's hue jitter (augment.JITTER[3]) cannot move a named colour onto another."""
+    from stablerep_jax.data import augment
+    hues = sorted(T.COLOR_HUES.values())
+    gaps = np.diff(hues + [hues[0] + 1.0])
+    assert gaps.min() > augment.JITTER[3]
+
+
+def test_real_stream_renders_other_pictures_of_the_same_captions(tmp_path):
+    """The demo's "real" set (one image per caption) and its synthetic set (K per caption):
+    the same captions and ids, and no image in common."""
+    synthetic = T.write_toy_dataset(str(tmp_path / "s"), 6, 3, 24, seed=5)
+    real = T.write_toy_dataset(str(tmp_path / "r"), 6, 1, 24, seed=5, stream="real")
+    assert real["images_per_caption"] == 1 and synthetic["images_per_caption"] == 3
+    assert real["settings"]["stream"] == "real"
+
+    def read(directory):
+        return {r.caption_id: r for path in sorted(tf.io.gfile.glob(f"{directory}/*.tfrecord"))
+                for r in records.read_records(path)}
+    s_recs, r_recs = read(tmp_path / "s"), read(tmp_path / "r")
+    assert {i: r.caption for i, r in s_recs.items()} == {i: r.caption for i, r in r_recs.items()}
+    for cid, r in r_recs.items():
+        assert not set(r.seeds) & set(s_recs[cid].seeds)
+        assert all(r.images[0] != image for image in s_recs[cid].images)
+    with pytest.raises(ValueError, match="stream='photo'"):
+        T.write_toy_dataset(str(tmp_path / "x"), 6, 1, 24, seed=5, stream="photo")
+
+
+def test_probe_set_labels_each_image_by_every_attribute(tmp_path):
+    root = str(tmp_path / "set")
+    captions = T.write_toy_probe_set(root, 12, 5, 24, seed=3)
+    split = T.read_toy_probe_set(root)
+    assert [len(split[s][0]) for s in ("train", "test")] == [12, 5]
+    assert [s.text for s in split["train"][1]] == captions["train"]
+    paths, specs = split["test"]
+    for path, spec in zip(paths, specs):
+        image = _decode(fileio.read_bytes(path))
+        assert image.shape == (24, 24, 3)
+    for attribute, values in T.ATTRIBUTE_VALUES.items():
+        labels = T.attribute_labels(specs, attribute)
+        assert [values[i] for i in labels] == [s.label(attribute) for s in specs]
+    with pytest.raises(ValueError, match="attribute='hue'"):
+        T.attribute_labels(specs, "hue")
+
+
+def test_probe_set_rerun_returns_when_complete_and_refuses_other_settings(tmp_path):
+    root = str(tmp_path / "set")
+    T.write_toy_probe_set(root, 3, 2, 16, seed=0)
+    image = os.path.join(root, "test", "00001.png")
+    os.remove(image)      # complete: not re-rendered
+    T.write_toy_probe_set(root, 3, 2, 16, seed=0)
+    assert not os.path.exists(image)
+    settings = fileio.read_json(os.path.join(root, T.PROBE_SET_NAME))
+    fileio.write_json_atomic(os.path.join(root, T.PROBE_SET_NAME),
+                             {k: v for k, v in settings.items() if k != "captions"}
+                             | {"complete": False})              # as a killed write leaves it
+    with pytest.raises(ValueError, match="incomplete"):
+        T.read_toy_probe_set(root)
+    T.write_toy_probe_set(root, 3, 2, 16, seed=0)
+    assert os.path.getsize(image) > 0
+    assert T.read_toy_probe_set(root)["test"][1] == [T.parse_caption(t) for t in settings["captions"]["test"]]
+    with pytest.raises(ValueError, match="seed: 0 -> 1"):
+        T.write_toy_probe_set(root, 3, 2, 16, seed=1)
 
 
 def test_toy_data_on_a_url_is_read_back_by_train(tmp_path):

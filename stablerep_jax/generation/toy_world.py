@@ -29,9 +29,10 @@ from stablerep_jax.data import records, shard_plan
 
 COUNT_WORDS = ("one", "two", "three")
 SIZES = ("small", "large")
-# Hues (fraction of the colour wheel) far enough apart to stay nameable under jitter.
-COLOR_HUES = {"red": 0.0, "orange": 0.075, "yellow": 0.15, "green": 0.35, "blue": 0.61,
-              "purple": 0.78}
+# Hues (fraction of the colour wheel) a sixth of the wheel apart: the strong augmentation's hue
+# jitter (at most +-0.1) never moves one named colour onto another, so colour stays learnable.
+COLOR_HUES = {"red": 0.0, "yellow": 1 / 6, "green": 2 / 6, "cyan": 3 / 6, "blue": 4 / 6,
+              "purple": 5 / 6}
 COLORS = tuple(COLOR_HUES)
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
@@ -45,10 +46,11 @@ SETTINGS_NAME = "toy_settings.json"
 CAPTIONS_NAME = "captions.txt"
 SUMMARY_NAME = "summary.json"         # render throughput, in generate's summary.json shape
 PROBE_SETTINGS_NAME = "probe_settings.json"   # written first; `complete` set when all is written
-RENDERER_VERSION = 1          # bump when `render` changes what a seed draws
+RENDERER_VERSION = 2          # bump when `render` changes what a seed draws
 
-# Object radius (circumradius) as a fraction of the image side, before per-object jitter.
-_RADIUS = {"small": (0.075, 0.105), "large": (0.15, 0.2)}
+# Object radius (circumradius) as a fraction of the image side, before per-object jitter: large
+# enough that a shape spans several ViT patches at the demo's 48px crops of 64px images.
+_RADIUS = {"small": (0.10, 0.125), "large": (0.18, 0.23)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,15 +302,25 @@ def render_seeded(spec: CaptionSpec, seed: int, size: int) -> np.ndarray:
 # Writers
 
 
+# Image-seed streams: the same captions rendered as the "synthetic" data set (K images each,
+# the generator's output) and as the "real" one (one image each, as CC12M has one photo per
+# caption). Different streams never share an image seed.
+STREAMS = {"synthetic": (), "real": (0x2EA1,)}
+
+
 def write_toy_dataset(output_dir: str, num_captions: int, images_per_caption: int,
                       image_size: int, seed: int, captions_per_shard: int = 256,
-                      image_format: str = "png") -> dict:
+                      image_format: str = "png", stream: str = "synthetic") -> dict:
     """Renders `images_per_caption` images of `num_captions` sampled captions into TFRecord
     shards (the `records` schema, seeds recorded), `captions.txt` and `manifest.json`. Shard S
     holds the captions `shard_plan` assigns it (a seeded permutation, as generate writes).
+    `stream` picks the image seeds (`STREAMS`): "real" renders other pictures of the same
+    captions (the sample depends only on `seed` and `num_captions`).
 
     Shards are atomic; a rerun with the same settings keeps finished shards. Returns the manifest.
     """
+    if stream not in STREAMS:
+        raise ValueError(f"stream={stream!r}: choose one of {tuple(STREAMS)}")
     if images_per_caption < 1 or captions_per_shard < 1:
         raise ValueError(f"images_per_caption={images_per_caption}, captions_per_shard="
                          f"{captions_per_shard}: both must be >= 1")
@@ -318,7 +330,8 @@ def write_toy_dataset(output_dir: str, num_captions: int, images_per_caption: in
     settings = {"generator": "toy", "renderer_version": RENDERER_VERSION,
                 "num_captions": num_captions, "images_per_caption": images_per_caption,
                 "image_size": image_size, "seed": seed, "captions_per_shard": captions_per_shard,
-                "image_format": image_format, shard_plan.ORDER_KEY: shard_plan.order_info()}
+                "image_format": image_format, "stream": stream,
+                shard_plan.ORDER_KEY: shard_plan.order_info()}
     fileio.makedirs(output_dir)
     path = os.path.join(output_dir, SETTINGS_NAME)
     if not records.check_same_settings(path, settings):
@@ -337,7 +350,8 @@ def write_toy_dataset(output_dir: str, num_captions: int, images_per_caption: in
             start = time.perf_counter()
             records.write_shard(os.path.join(output_dir, name),
                                 _shard_records(specs, ids.tolist(), images_per_caption,
-                                               image_size, seed, image_format, bar))
+                                               image_size, seed, image_format, bar,
+                                               STREAMS[stream]))
             seconds += time.perf_counter() - start
             rendered += shards[name]["images"]
     if rendered:
@@ -371,9 +385,9 @@ def _add_summary_run(output_dir: str, images: int, seconds: float, image_size: i
     return summary
 
 
-def _shard_records(specs, caption_ids, k, image_size, seed, image_format, bar):
+def _shard_records(specs, caption_ids, k, image_size, seed, image_format, bar, stream=()):
     for cid in caption_ids:
-        seeds = [image_seed(seed, cid, j) for j in range(k)]
+        seeds = [image_seed(seed, *stream, cid, j) for j in range(k)]
         images = [records.encode_image(render_seeded(specs[cid], s, image_size), image_format) for s in seeds]
         bar.update(k)
         yield records.CaptionRecord(caption=specs[cid].text, caption_id=cid, images=images,
@@ -430,16 +444,86 @@ def write_toy_probe_folder(root: str, attribute: str, train_per_class: int, test
     return info
 
 
+PROBE_SET_NAME = "probe_set.json"     # settings, then (when complete) every image's caption
+
+
+def write_toy_probe_set(root: str, train_images: int, test_images: int, image_size: int,
+                        seed: int) -> dict:
+    """Held-out renders of random captions, labelled by every attribute at once:
+    `root/{train,test}/NNNNN.png` and `root/probe_set.json`, which lists each image's caption.
+    One set serves a probe per attribute (features are extracted once); the captions are drawn
+    uniformly from the grammar, so every attribute value is equally likely.
+
+    `probe_set.json` holds the settings first and the captions once every image is written, so
+    a rerun with the same settings returns at once when complete and otherwise renders what is
+    missing (images are deterministic); other settings, or a non-empty `root` that is not a
+    probe set, are refused naming them. Returns {"train": [caption, ...], "test": [...]}.
+    """
+    if train_images < 1 or test_images < 1:
+        raise ValueError(f"train_images={train_images}, test_images={test_images}: both must "
+                         "be >= 1")
+    counts = {"train": train_images, "test": test_images}
+    settings = {"train_images": train_images, "test_images": test_images,
+                "image_size": image_size, "seed": seed, "renderer_version": RENDERER_VERSION}
+    path = os.path.join(root, PROBE_SET_NAME)
+    previous = _probe_settings(root, path, settings)
+    if previous is not None and previous.get("complete"):
+        return previous["captions"]
+    fileio.write_json_atomic(path, {**settings, "complete": False})
+    captions = {}
+    with tqdm(total=train_images + test_images, desc="probe images", unit="img") as bar:
+        for split_id, split in enumerate(SPLITS):
+            fileio.makedirs(os.path.join(root, split))
+            captions[split] = []
+            for i in range(counts[split]):
+                rng = np.random.default_rng(image_seed(seed, 0x5E7, split_id, i))
+                spec = random_spec(rng)
+                captions[split].append(spec.text)
+                image_path = os.path.join(root, split, f"{i:05d}.png")
+                if not fileio.exists(image_path):
+                    fileio.write_bytes_atomic(
+                        image_path, records.encode_image(render(spec, rng, image_size), "png"))
+                bar.update(1)
+    fileio.write_json_atomic(path, {**settings, "complete": True, "captions": captions})
+    logging.info("probe set %s: %d train / %d test renders of random captions", root,
+                 train_images, test_images)
+    return captions
+
+
+def read_toy_probe_set(root: str) -> dict[str, tuple[list[str], list[CaptionSpec]]]:
+    """{split: (image paths, caption specs)} of a complete `write_toy_probe_set` output."""
+    path = os.path.join(root, PROBE_SET_NAME)
+    if not fileio.exists(path):
+        raise FileNotFoundError(f"{path} not found: write the probe set with write_toy_probe_set")
+    info = fileio.read_json(path)
+    if not info.get("complete"):
+        raise ValueError(f"{path}: the probe set is incomplete (interrupted?); rerun "
+                         "write_toy_probe_set with the same settings to finish it")
+    return {split: ([os.path.join(root, split, f"{i:05d}.png") for i in range(len(texts))],
+                    [parse_caption(t) for t in texts])
+            for split, texts in info["captions"].items()}
+
+
+def attribute_labels(specs: Sequence[CaptionSpec], attribute: str) -> np.ndarray:
+    """int32 class indices of one attribute (its index in `ATTRIBUTE_VALUES[attribute]`)."""
+    values = ATTRIBUTE_VALUES[attribute] if attribute in ATTRIBUTE_VALUES else None
+    if values is None:
+        raise ValueError(f"attribute={attribute!r}: choose one of {tuple(ATTRIBUTE_VALUES)}")
+    return np.array([values.index(spec.label(attribute)) for spec in specs], np.int32)
+
+
 def _probe_settings(root: str, settings_path: str, settings: dict) -> dict | None:
     """The settings file of an earlier write into `root` (None when `root` is absent or empty);
     raises when `root` holds something else, or images made with other settings (naming them)."""
     if not fileio.exists(root) or not _listdir(root):
         return None
     if not fileio.exists(settings_path):
-        raise FileExistsError(f"{root} exists and is not empty (no {PROBE_SETTINGS_NAME}: not a "
-                              "toy probe folder); remove it or choose another root")
+        raise FileExistsError(f"{root} exists and is not empty (no "
+                              f"{os.path.basename(settings_path)}: not a toy probe folder); "
+                              "remove it or choose another root")
     previous = fileio.read_json(settings_path)
-    records.check_same_settings(settings_path, {**settings, "complete": previous.get("complete")})
+    progress = {k: previous[k] for k in ("complete", "captions") if k in previous}
+    records.check_same_settings(settings_path, {**settings, **progress})
     return previous
 
 
