@@ -93,7 +93,7 @@ def train_config(args, kind: str, variant: str, remat: bool, n_devices: int):
                                  + PRESETS[kind])
     c.batch_size = args.captions * n_devices
     c.data.n_img = args.views
-    c.data.image_size = args.image_size
+    c.model.image_size = args.image_size
     c.data.image_dtype = args.dtype
     c.model.variant = variant
     c.model.patch_size = args.patch_size
@@ -115,7 +115,7 @@ def abstract_batch(config) -> dict:
     """ShapeDtypeStructs of one global batch as the input pipeline yields it."""
     import jax
     import jax.numpy as jnp
-    b, size = config.batch_size, config.data.image_size
+    b, size = config.batch_size, config.model.image_size
     batch = {"images": jax.ShapeDtypeStruct((b, config.data.n_img, size, size, 3),
                                             jnp.dtype(config.data.image_dtype)),
              "labels": jax.ShapeDtypeStruct((b,), jnp.int32)}

@@ -53,7 +53,7 @@ def make_config(args):
     config = config_utils.load_config(os.path.join(REPO, "configs", "stablerep.py"))
     config.batch_size = args.captions
     config.data.n_img = args.views
-    config.data.image_size = args.image_size
+    config.model.image_size = args.image_size
     config.model.variant = args.variant
     config.model.mlp_dim = args.mlp_dim
     config.model.emb_dim = args.emb_dim
@@ -65,7 +65,7 @@ def make_config(args):
 def random_batch(config) -> dict:
     """A fixed random global batch of `batch_size` captions x `n_img` views."""
     rng = np.random.default_rng(0)
-    size, views = config.data.image_size, config.data.n_img
+    size, views = config.model.image_size, config.data.n_img
     return {"images": rng.normal(size=(config.batch_size, views, size, size, 3)).astype(np.float32),
             "labels": np.arange(config.batch_size, dtype=np.int32)}
 
@@ -125,7 +125,7 @@ def bench_torch(config, batch):
     torch.set_num_threads(os.cpu_count())
     width = {"tiny": 192, "small": 384, "base": 768, "large": 1024}[config.model.variant]
     visual = timm.create_model(f"vit_{config.model.variant}_patch16_224", pretrained=False,
-                               num_classes=0, img_size=config.data.image_size)
+                               num_classes=0, img_size=config.model.image_size)
     model = torch_reference.VisionEncoder(visual, width, config.model.mlp_dim,
                                           config.model.emb_dim).to(device).train()
     opt = torch.optim.AdamW(torch_reference.adamw_param_groups(model, config.optim.weight_decay),
@@ -149,7 +149,7 @@ def bench_torch(config, batch):
 
 def main():
     config = make_config(ARGS)
-    size, views = config.data.image_size, config.data.n_img
+    size, views = config.model.image_size, config.data.n_img
     batch = random_batch(config)
     images_per_step = config.batch_size * views
     device = jax.devices()[0]
