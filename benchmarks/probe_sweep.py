@@ -179,20 +179,23 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB   # Linux: KiB
 
 
-def time_variant(run_epoch: Callable, evaluate: Callable, state, epochs: int,
+def time_variant(name: str, run_epoch: Callable, evaluate: Callable, state, epochs: int,
                  eval_calls: int) -> dict:
-    """Runs `epochs` epochs, then `eval_calls` evaluations, timing each (synchronised)."""
+    """Runs `epochs` epochs, then `eval_calls` evaluations, timing each (synchronised) and
+    printing each time as it comes (an ImageNet-sized epoch on a CPU takes minutes)."""
     epoch_s = []
     for epoch in range(epochs):
         start = time.perf_counter()
         state, losses = run_epoch(state, epoch)
         np.asarray(jax.device_get(losses))                 # what fit_heads does every epoch
         epoch_s.append(time.perf_counter() - start)
+        print(f"  {name}: epoch {epoch + 1} {epoch_s[-1]:.2f} s", flush=True)
     eval_s, top1 = [], None
     for _ in range(eval_calls):
         start = time.perf_counter()
         top1, _ = evaluate(state)
         eval_s.append(time.perf_counter() - start)
+        print(f"  {name}: evaluation {len(eval_s)} {eval_s[-1]:.2f} s", flush=True)
     return {"epoch_s": epoch_s, "eval_s": eval_s, "top1": np.asarray(top1),
             "kernel": np.asarray(jax.device_get(state.kernel)), "peak_rss_gb": _peak_rss_gb()}
 
@@ -231,7 +234,7 @@ def epoch_timing(args, mesh=None) -> dict:
     run_epoch = linear_probe.cached_epoch_runner(train_f, train_l, hp, args.batch, mesh)
     evaluate = linear_probe.make_evaluator(test_f, test_l, args.classes, args.use_bn, mesh)
     setup_s = time.perf_counter() - start
-    a = time_variant(run_epoch, evaluate, fresh_state(), args.epochs, args.eval_calls)
+    a = time_variant("(a)", run_epoch, evaluate, fresh_state(), args.epochs, args.eval_calls)
     a.update(setup_s=setup_s, epoch_bytes=steps * args.batch * 4, eval_bytes=0)
     results["on_device"] = a
     del run_epoch, evaluate                                   # free the device copy before (b)
@@ -239,7 +242,7 @@ def epoch_timing(args, mesh=None) -> dict:
     # (b) before: permute on the host, upload the permuted copy, every epoch.
     phases: dict = {}
     run_epoch = host_round_trip_runner(train_f, train_l, hp, args.batch, mesh, 0, phases)
-    b = time_variant(run_epoch, functools.partial(
+    b = time_variant("(b)", run_epoch, functools.partial(
         rejit_evaluate, feats=test_f, labels=test_l, num_classes=args.classes,
         use_bn=args.use_bn, mesh=mesh), fresh_state(), args.epochs, args.eval_calls)
     b.update(setup_s=0.0, phases={k: _steady(v) for k, v in phases.items()},
