@@ -275,7 +275,7 @@ def print_epoch_timing(r: dict) -> None:
 
 
 def save_random_encoder(directory: str, seed: int) -> str:
-    model = build_model(TINY_ENCODER, TINY_ENCODER["image_size"])
+    model = build_model(TINY_ENCODER)
     size = TINY_ENCODER["image_size"]
     variables = model.init(jax.random.PRNGKey(seed), np.zeros((2, 2, size, size, 3), np.float32),
                            train=False)
