@@ -161,12 +161,16 @@ def host_round_trip_runner(feats: np.ndarray, labels: np.ndarray, hp, batch_size
     return run_epoch
 
 
+def _eval_chunk(num: int, n_dev: int, chunk: int = 4096) -> int:
+    """The old evaluation's rows per upload: a multiple of the devices, at most `chunk`."""
+    return max(n_dev, min(chunk, -(-num // n_dev) * n_dev) // n_dev * n_dev)
+
+
 def rejit_evaluate(state, feats: np.ndarray, labels: np.ndarray, num_classes: int, use_bn: bool,
                    mesh, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """The evaluation before commit 959ef73 (rebuilt as the baseline): every call jits a new
     partial (so it traces and compiles again) and uploads the test features chunk by chunk."""
-    n_dev = mesh.shape[parallel.DATA_AXIS]
-    chunk = max(n_dev, min(chunk, -(-len(feats) // n_dev) * n_dev) // n_dev * n_dev)
+    chunk = _eval_chunk(len(feats), mesh.shape[parallel.DATA_AXIS], chunk)
     fn = jax.jit(functools.partial(linear_probe.correct_counts, use_bn=use_bn,
                                    top_k=min(5, num_classes)),
                  in_shardings=(parallel.replicated(mesh),) + (parallel.batch_sharded(mesh),) * 3,
@@ -181,6 +185,12 @@ def rejit_evaluate(state, feats: np.ndarray, labels: np.ndarray, num_classes: in
         c1, c5 = fn(state, *(_upload(mesh, a, P(parallel.DATA_AXIS)) for a in (f, l, m)))
         hits1, hits5 = hits1 + np.asarray(c1), hits5 + np.asarray(c5)
     return hits1 / len(feats), hits5 / len(feats)
+
+
+def _padded_rows(num: int, n_dev: int) -> int:
+    """Rows the old evaluation uploads per call: whole chunks, the last one padded."""
+    chunk = _eval_chunk(num, n_dev)
+    return -(-num // chunk) * chunk
 
 
 def _size(num_bytes: float) -> str:
@@ -260,7 +270,8 @@ def epoch_timing(args, mesh=None) -> dict:
         use_bn=args.use_bn, mesh=mesh), fresh_state(), args.epochs, args.eval_calls)
     b.update(setup_s=0.0, phases={k: _steady(v) for k, v in phases.items()},
              epoch_bytes=steps * args.batch * (args.dim * 4 + 4),
-             eval_bytes=test_f.nbytes + test_l.nbytes + args.test_num)
+             eval_bytes=_padded_rows(args.test_num, mesh.shape[parallel.DATA_AXIS])
+             * (args.dim * 4 + 4 + 1))
     results["host_round_trip"] = b
     return results
 
