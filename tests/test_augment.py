@@ -1,27 +1,45 @@
 """Augmentations: their statistics match the reference recipe's definitions, colour operations
-match torchvision's, and a view is the same eagerly and inside tf.data."""
+(host TF ones and the device's JAX ones) match torchvision's, a view is the same eagerly and
+inside tf.data, the device path gives the host path's view for the same key, and a JPEG
+decoded crop by crop equals the crop of the decoded image."""
+import io
+import itertools
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from stablerep_jax import config_utils
 from stablerep_jax.data import augment as A
+from stablerep_jax.data import device_augment as D
 
 DRAWS = 3000
 MEAN = np.array(A.IMAGENET_MEAN, np.float32)
 STD = np.array(A.IMAGENET_STD, np.float32)
 
 
-def _views(image: np.ndarray, spec: A.AugmentSpec, draws: int = DRAWS, seed: int = 0) -> np.ndarray:
-    """`draws` views of one image, computed in tf.data (graph mode), un-normalised to [0, 1]."""
+PATHS = ("host", "device")       # colour stage in tf.data, or in JAX after prepare_image
+
+
+def _views(image: np.ndarray, spec: A.AugmentSpec, draws: int = DRAWS, seed: int = 0,
+           path: str = "host") -> np.ndarray:
+    """`draws` views of one image, computed in tf.data (graph mode), un-normalised to [0, 1];
+    on the "device" path the colour stage runs in `device_augment.finish_views` (jitted)."""
     img = tf.constant(image)
+    make = A.augment_image if path == "host" else A.prepare_image
     ds = tf.data.Dataset.range(draws).map(
-        lambda i: A.augment_image(A.make_key(seed, i), img, spec),
+        lambda i: make(A.make_key(seed, i), img, spec),
         num_parallel_calls=tf.data.AUTOTUNE).batch(draws)
-    out = next(iter(ds)).numpy()
-    return out * STD + MEAN
+    out = next(iter(ds))
+    if path == "device":
+        images, params = (x.numpy() for x in out)
+        assert images.dtype == np.uint8 and params.shape == (draws, A.NUM_PARAMS)
+        out = jax.jit(D.finish_views, static_argnums=2)(images, params, spec)
+    return np.asarray(out, np.float32) * STD + MEAN
 
 
 def _uniform_image(rgb, size=24):
@@ -78,18 +96,19 @@ def test_crop_box_statistics_match_torchvision():
         assert abs(a.std() - b.std()) < 0.03, name
 
 
-def test_strong_recipe_rates():
+@pytest.mark.parametrize("path", PATHS)
+def test_strong_recipe_rates(path):
     spec = A.AugmentSpec(size=16, recipe="strong")
     # Colour jitter (p=0.8) is the only step that changes a uniform grey image (brightness).
-    grey = _views(_uniform_image([128, 128, 128]), spec)
+    grey = _views(_uniform_image([128, 128, 128]), spec, path=path)
     jittered = np.abs(grey.mean(axis=(1, 2, 3)) - 128 / 255) > 2e-3
     assert abs(jittered.mean() - 0.8) < _binomial_tolerance(0.8, DRAWS)
     # Grayscale (p=0.2) is the only step that makes a coloured image's channels equal.
-    colour = _views(_uniform_image([200, 90, 40]), spec, seed=1)
+    colour = _views(_uniform_image([200, 90, 40]), spec, seed=1, path=path)
     grey_out = np.abs(colour[..., 0] - colour[..., 2]).max(axis=(1, 2)) < 1e-3
     assert abs(grey_out.mean() - 0.2) < _binomial_tolerance(0.2, DRAWS)
     # Horizontal flip (p=0.5): a left-to-right ramp ends up right-to-left.
-    ramp = _views(_gradient_image(), spec, seed=2).mean(axis=(1, 3))
+    ramp = _views(_gradient_image(), spec, seed=2, path=path).mean(axis=(1, 3))
     left, right = ramp[:, :3].mean(axis=1), ramp[:, -3:].mean(axis=1)
     visible = np.abs(left - right) > 1e-2          # a crop wholly clipped by brightness is flat
     flipped = (left > right)[visible]
@@ -97,26 +116,29 @@ def test_strong_recipe_rates():
     assert abs(flipped.mean() - 0.5) < _binomial_tolerance(0.5, visible.sum())
 
 
-def test_strong_recipe_blurs_half_the_views():
+@pytest.mark.parametrize("path", PATHS)
+def test_strong_recipe_blurs_half_the_views(path):
     spec = A.AugmentSpec(size=16, recipe="strong")
     checker = (np.indices((16, 16)).sum(axis=0) % 2 * 255).astype(np.uint8)
     image = np.repeat(checker[..., None], 3, axis=-1)
     # A 16x16 checkerboard cropped and resized to 16 keeps sharp detail unless blurred with
     # sigma >= 0.5 (the lower part of sigma 0.1-2 barely changes it, hence a range).
-    views = _views(image, spec, seed=3).mean(axis=-1)
+    views = _views(image, spec, seed=3, path=path).mean(axis=-1)
     detail = np.abs(np.diff(views, axis=2)).mean(axis=(1, 2))
-    full_scale = _views(image, A.AugmentSpec(size=16, recipe="weak"), seed=3).mean(axis=-1)
+    full_scale = _views(image, A.AugmentSpec(size=16, recipe="weak"), seed=3,
+                        path=path).mean(axis=-1)
     sharp = np.median(np.abs(np.diff(full_scale, axis=2)).mean(axis=(1, 2)))
     blurred = (detail < 0.5 * sharp).mean()
     assert 0.3 < blurred < 0.55
 
 
-def test_weak_recipe_only_crops():
+@pytest.mark.parametrize("path", PATHS)
+def test_weak_recipe_only_crops(path):
     spec = A.AugmentSpec(size=16, recipe="weak")
-    colour = _views(_uniform_image([200, 90, 40]), spec, draws=300)
+    colour = _views(_uniform_image([200, 90, 40]), spec, draws=300, path=path)
     np.testing.assert_allclose(colour, np.broadcast_to(np.array([200, 90, 40]) / 255, colour.shape),
                                atol=1e-5)
-    ramp = _views(_gradient_image(), spec, draws=300).mean(axis=(1, 3))
+    ramp = _views(_gradient_image(), spec, draws=300, path=path).mean(axis=(1, 3))
     assert (ramp[:, 0] < ramp[:, -1]).all()                       # never flipped
 
 
@@ -170,12 +192,13 @@ def _detail(views):
     return np.abs(np.diff(views, axis=2)).mean()
 
 
-def test_downsample_removes_detail():
+@pytest.mark.parametrize("path", PATHS)
+def test_downsample_removes_detail(path):
     checker = (np.indices((64, 64)).sum(axis=0) % 2 * 255).astype(np.uint8)
     image = np.repeat(checker[..., None], 3, axis=-1)
-    plain = _views(image, A.AugmentSpec(size=64, recipe="weak"), draws=50)
+    plain = _views(image, A.AugmentSpec(size=64, recipe="weak"), draws=50, path=path)
     down = _views(image, A.AugmentSpec(size=64, recipe="weak", downsample_prob=1.0,
-                                       down_res=(8,)), draws=50)
+                                       down_res=(8,)), draws=50, path=path)
     assert _detail(down) < 0.2 * _detail(plain)
     assert down.shape == plain.shape == (50, 64, 64, 3)
 
@@ -226,3 +249,107 @@ def test_resize_to_unit_scales_and_clips():
     np.testing.assert_allclose(out, A.resize(tf.cast(pixels, tf.float32), 12, 16).numpy() / 255,
                                atol=1e-6)
     assert A.resize_to_unit(tf.fill([4, 4, 3], 300.0), 8, 8).numpy().max() == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# The colour stage on the device (JAX) and the crop-only decode
+
+
+@pytest.mark.torch
+def test_device_colour_operations_match_torchvision():
+    torch = pytest.importorskip("torch")
+    F = pytest.importorskip("torchvision.transforms.functional")
+    rng = np.random.default_rng(0)
+    image = rng.random((20, 24, 3)).astype(np.float32)
+    chw = torch.from_numpy(image.transpose(2, 0, 1).copy())
+
+    def theirs(out):
+        return out.numpy().transpose(1, 2, 0)
+
+    # Luma weights: PIL's 0.299 (ours) vs 0.2989 (torchvision's tensor path): < 1e-4 apart.
+    cases = [(D.adjust_brightness, F.adjust_brightness, 1.3, 1e-6),
+             (D.adjust_contrast, F.adjust_contrast, 0.7, 1e-4),
+             (D.adjust_saturation, F.adjust_saturation, 1.35, 1e-4),
+             (D.adjust_hue, F.adjust_hue, 0.08, 1e-5),
+             (D.adjust_hue, F.adjust_hue, -0.1, 1e-5)]
+    for ours, reference, factor, tol in cases:
+        got = np.asarray(jax.jit(ours)(image, factor))
+        np.testing.assert_allclose(got, theirs(reference(chw, factor)), atol=tol,
+                                   err_msg=f"{ours.__name__}({factor})")
+    np.testing.assert_allclose(np.asarray(D.to_grayscale_rgb(image)),
+                               theirs(F.rgb_to_grayscale(chw, 3)), atol=1e-4)
+    # Blur: torchvision's kernel of 2 ceil(3 sigma) + 1 taps, reflect padding.
+    for sigma in (0.1, 0.6, 1.3, 2.0):
+        size = 2 * min(max(math.ceil(3 * sigma), 1), D.MAX_RADIUS) + 1
+        np.testing.assert_allclose(np.asarray(jax.jit(D.gaussian_blur)(image, sigma)),
+                                   theirs(F.gaussian_blur(chw, [size, size], [sigma, sigma])),
+                                   atol=1e-6, err_msg=f"blur sigma {sigma}")
+    # ColorJitter's random order: the adjustments in the drawn order, as torchvision applies them.
+    ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+    factors = np.array([1.2, 0.75, 1.3, -0.06], np.float32)
+    jitter = jax.jit(D.color_jitter)
+    for order in itertools.permutations(range(4)):
+        want = chw
+        for i in order:
+            want = ops[i](want, float(factors[i]))
+        got = jitter(image, jnp.array(order), factors)
+        np.testing.assert_allclose(np.asarray(got), theirs(want), atol=2e-4, err_msg=str(order))
+
+
+def test_device_view_equals_host_view_for_the_same_key():
+    """Same key -> same draws -> the same view from both paths. The crop is already at the
+    output size, so the host path's float resize equals the device path's uint8 one exactly
+    and what is left is the colour operations' implementations (TF's hue conversion differs
+    from torchvision's by up to 2e-3)."""
+    size = 24
+    spec = A.AugmentSpec(size=size, recipe="strong")
+    crop = tf.constant(np.random.default_rng(4).integers(0, 256, (size, size, 3)), tf.uint8)
+    keys = [A.make_key(11, i) for i in range(40)]
+    host = np.stack([A.finish_view(k, crop, spec, size).numpy() for k in keys])
+    prepared = [A.prepare_view(k, crop, spec, size) for k in keys]
+    images = np.stack([p[0].numpy() for p in prepared])
+    params = np.stack([p[1].numpy() for p in prepared])
+    device = np.asarray(jax.jit(D.finish_views, static_argnums=2)(images, params, spec))
+    np.testing.assert_allclose(device * STD, host * STD, atol=3e-3)
+    on = params > 0.5
+    for flag, name in [(A.P_JITTER, "jitter"), (A.P_GRAY, "gray"), (A.P_BLUR, "blur")]:
+        assert 0 < on[:, flag].mean() < 1, name                  # both branches compared
+    assert sorted(params[0, A.P_ORDER].tolist()) == [0, 1, 2, 3]
+
+
+def test_device_view_follows_the_dtype_and_weak_has_no_colour_stage():
+    image = tf.constant(_gradient_image())
+    weak = A.AugmentSpec(size=16, recipe="weak", dtype="bfloat16")
+    view, params = A.prepare_image(A.make_key(0), image, weak)
+    assert view.dtype == tf.uint8 and not params.numpy().any()
+    out = D.finish_views(view.numpy()[None], params.numpy()[None], weak)
+    assert out.dtype == jnp.bfloat16 and out.shape == (1, 16, 16, 3)
+    host = A.augment_image(A.make_key(0), image, A.AugmentSpec(size=16, recipe="weak"))
+    np.testing.assert_allclose(np.asarray(out[0], np.float32), host.numpy(), atol=0.02)
+
+
+def _encoded(image: np.ndarray, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt,kwargs", [("JPEG", {"quality": 90}),                # 4:2:0
+                                        ("JPEG", {"quality": 95, "subsampling": 0}),
+                                        ("PNG", {})])
+def test_decoded_crop_equals_decode_then_crop(fmt, kwargs):
+    rng = np.random.default_rng(5)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (6, 7, 3), np.uint8)).resize(
+        (71, 53), Image.BICUBIC), np.float32)
+    image = np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8)
+    encoded = tf.constant(_encoded(image, fmt, **kwargs))
+    spec = A.AugmentSpec(size=16, recipe="strong")
+    keys = [A.make_key(7, i) for i in range(30)]
+    crops, short_side = A.decode_view_crops(encoded, keys, spec)
+    decoded = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    assert int(short_side) == 53
+    for key, got in zip(keys, crops):
+        box = A.random_resized_crop_box(A.split_key(key, 2)[0], 53, 71, spec.crop_scale)
+        np.testing.assert_array_equal(got.numpy(), A.crop(decoded, box).numpy())
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        A.decode_view_crops(tf.constant(encoded.numpy()[:len(encoded.numpy()) // 2]), keys, spec)

@@ -1,9 +1,11 @@
-"""Training input pipeline: batch contract, m distinct stored images per caption, per-host file
+"""Training input pipeline: batch contract (colour stage on the device or the host), views equal
+to the keyed views of the stored image, m distinct stored images per caption, per-host file
 split, determinism and exact resume, undecodable records dropped and counted, CLIP tokens."""
 import io
 import logging
 import os
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -11,7 +13,8 @@ from PIL import Image
 
 from stablerep_jax import config_utils
 from stablerep_jax import train
-from stablerep_jax.data import augment, pipeline, records, shard_plan, shards, tokenize
+from stablerep_jax.data import augment, device_augment, pipeline, records, shard_plan, shards
+from stablerep_jax.data import tokenize, views
 
 from tiny_tokenizer import write_tiny_clip_tokenizer
 
@@ -74,21 +77,75 @@ def _take(iterator, n):
 
 
 def _stored_index(view):
-    """Which stored image (k) and caption a weakly augmented flat-colour view came from."""
-    rgb = (view * STD + MEAN).mean(axis=(0, 1)) * 255
+    """Which stored image (k) and caption a weakly augmented flat-colour view came from (a
+    uint8 view for the device, or a normalised one)."""
+    rgb = view.mean(axis=(0, 1)) if view.dtype == np.uint8 else (view * STD + MEAN).mean(
+        axis=(0, 1)) * 255
     return int(round((rgb[0] - 20) / 50)), int(round((rgb[1] - 5) / 7))
 
 
-@pytest.mark.parametrize("n_img,num_crop,dtype", [(2, 1, "float32"), (1, 2, "bfloat16"),
-                                                  (3, 2, "float32")])
-def test_batch_contract(files, n_img, num_crop, dtype):
+@pytest.mark.parametrize("n_img,num_crop,dtype,on_device", [
+    (2, 1, "float32", True), (1, 2, "bfloat16", True), (3, 2, "float32", True),
+    (2, 1, "float32", False), (1, 2, "bfloat16", False)])
+def test_batch_contract(files, n_img, num_crop, dtype, on_device):
     data = _data_config(files, n_img=n_img, num_crop=num_crop, image_dtype=dtype)
+    data.augment_on_device = on_device
     batch = next(pipeline.make_train_iterator(data, batch_size=8, seed=0))
-    assert set(batch) == {"images", "labels"}
-    assert batch["images"].shape == (8, n_img * num_crop, 16, 16, 3)
-    assert batch["images"].dtype.name == dtype
+    views_shape = (8, n_img * num_crop, 16, 16, 3)
+    assert batch["images"].shape == views_shape
     assert batch["labels"].dtype == np.int32 and batch["labels"].shape == (8,)
-    assert np.isfinite(batch["images"].astype(np.float32)).all()
+    if on_device:      # uint8 views + colour parameters, finished in the step
+        assert set(batch) == {"images", "labels", augment.PARAMS_KEY}
+        assert batch["images"].dtype == np.uint8
+        params = batch[augment.PARAMS_KEY]
+        assert params.dtype == np.float32 and params.shape == (8, n_img * num_crop,
+                                                               augment.NUM_PARAMS)
+        images = jax.jit(lambda b: device_augment.model_images(b, data))(batch)
+    else:
+        assert set(batch) == {"images", "labels"}
+        images = batch["images"]
+    assert images.shape == views_shape and images.dtype.name == dtype
+    assert np.isfinite(np.asarray(images, np.float32)).all()
+
+
+def test_augment_on_device_must_be_a_bool(files):
+    data = _data_config(files)
+    data.augment_on_device = "False"
+    with pytest.raises(ValueError, match="data.augment_on_device='False'"):
+        pipeline.make_train_iterator(data, batch_size=8, seed=0)
+
+
+def _noise_jpeg(seed, size=(30, 26)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, size[::-1] + (3,), np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_views_are_the_keyed_views_of_the_stored_image(tmp_path, on_device):
+    """Each view of a batch is `augment.prepare_image` / `augment_image` of the decoded stored
+    image with its view key: the crop decoded in one stage and the rest made in another take
+    their halves of the same key (one stored image per caption, so which one is known)."""
+    recs = [records.CaptionRecord(caption=f"c{c}", caption_id=c, images=[_noise_jpeg(c)],
+                                  seeds=[0]) for c in range(8)]
+    records.write_shard(str(tmp_path / "train-0.tfrecord"), recs)
+    records.write_manifest(str(tmp_path), {"train-0.tfrecord": {"captions": 8, "images": 8}},
+                           images_per_caption=1)
+    data = _data_config(str(tmp_path / "*.tfrecord"), n_img=1, num_crop=2, aug="strong")
+    data.augment_on_device = on_device
+    spec = augment.AugmentSpec.from_config(data)
+    batch = next(pipeline.make_train_iterator(data, batch_size=4, seed=5))
+    for b, label in enumerate(batch["labels"]):
+        image = tf.io.decode_image(recs[label].images[0], channels=3)
+        for v in range(2):
+            key = views.view_key(5, 0, int(label), v, 0)
+            if on_device:
+                want, params = augment.prepare_image(key, image, spec)
+                np.testing.assert_array_equal(batch[augment.PARAMS_KEY][b, v], params.numpy())
+            else:
+                want = augment.augment_image(key, image, spec)
+            np.testing.assert_array_equal(batch["images"][b, v], want.numpy())
 
 
 def test_views_are_distinct_stored_images_of_the_caption(files):
@@ -150,6 +207,7 @@ def test_same_seed_same_batches_and_exact_resume(files):
     for a, b in zip(straight, again):
         np.testing.assert_array_equal(a["labels"], b["labels"])
         np.testing.assert_array_equal(a["images"], b["images"])
+        np.testing.assert_array_equal(a[augment.PARAMS_KEY], b[augment.PARAMS_KEY])
     other = next(pipeline.make_train_iterator(data, batch_size=8, seed=2))
     assert not np.array_equal(other["images"], straight[0]["images"])
     for start in (3, 5):                                           # mid-epoch, next epoch
@@ -158,6 +216,7 @@ def test_same_seed_same_batches_and_exact_resume(files):
         for a, b in zip(straight[start:start + 2], resumed):
             np.testing.assert_array_equal(a["labels"], b["labels"])
             np.testing.assert_array_equal(a["images"], b["images"])
+            np.testing.assert_array_equal(a[augment.PARAMS_KEY], b[augment.PARAMS_KEY])
 
 
 def test_undecodable_record_is_replaced_and_counted(tmp_path):

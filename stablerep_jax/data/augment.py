@@ -15,6 +15,15 @@ restart. The recipes follow the reference's torchvision chain (`main_stablerep.p
 Colour operations follow torchvision's definitions (contrast and saturation blend with the
 luma image / its mean, not TF's per-channel and HSV variants); values are clipped to [0, 1]
 after each, as torchvision does on PIL images.
+
+A view is made in two stages, both keyed by the view's key (`decode_view_crops` draws the box
+from its first half, the rest from its second, as `augment_image` does):
+  1. decode only the crop (`decode_view_crops`: JPEG through `decode_and_crop_jpeg`, other
+     formats decoded whole, then cropped);
+  2. either everything else on the host (`finish_view`: float32 / bfloat16, normalised), or
+     (`prepare_view`) only downsample, resize and flip on the host, rounded to uint8 as PIL's
+     resize is, plus the colour stage's parameters packed in `NUM_PARAMS` floats, which
+     `device_augment.finish_views` applies on the accelerator inside the train step.
 """
 from __future__ import annotations
 
@@ -240,18 +249,30 @@ def adjust_hue(image, delta):
     return tf.clip_by_value(tf.image.adjust_hue(image, delta), 0.0, 1.0)
 
 
-def color_jitter(key, image, strength: Sequence[float] = JITTER) -> tf.Tensor:
-    """torchvision ColorJitter: the four adjustments in a random order, each factor uniform."""
+def jitter_draws(key, strength: Sequence[float] = JITTER) -> tuple[tf.Tensor, tf.Tensor]:
+    """ColorJitter's random choices: the order of the four adjustments (int32 [4]) and their
+    factors (float32 [4]: brightness, contrast, saturation uniform in 1 -+ s, hue in -+ h)."""
     b, c, s, h = strength
     k_order, k_b, k_c, k_s, k_h = split_key(key, 5)
     order = tf.argsort(_uniform(k_order, [4]))
-    factors = (_uniform(k_b, [], 1 - b, 1 + b), _uniform(k_c, [], 1 - c, 1 + c),
-               _uniform(k_s, [], 1 - s, 1 + s), _uniform(k_h, [], -h, h))
+    factors = tf.stack([_uniform(k_b, [], 1 - b, 1 + b), _uniform(k_c, [], 1 - c, 1 + c),
+                        _uniform(k_s, [], 1 - s, 1 + s), _uniform(k_h, [], -h, h)])
+    return order, factors
+
+
+def apply_jitter(image, order, factors) -> tf.Tensor:
+    """The four ColorJitter adjustments in `order` (indices into brightness, contrast,
+    saturation, hue) with `factors` in that same fixed layout."""
     ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
     for i in range(4):
-        branches = [(lambda op=op, f=f, x=image: op(x, f)) for op, f in zip(ops, factors)]
+        branches = [(lambda op=op, j=j, x=image: op(x, factors[j])) for j, op in enumerate(ops)]
         image = tf.switch_case(order[i], branches)
     return image
+
+
+def color_jitter(key, image, strength: Sequence[float] = JITTER) -> tf.Tensor:
+    """torchvision ColorJitter: the four adjustments in a random order, each factor uniform."""
+    return apply_jitter(image, *jitter_draws(key, strength))
 
 
 def gaussian_blur(image, sigma, max_sigma: float = BLUR_SIGMA[1]) -> tf.Tensor:
@@ -284,33 +305,178 @@ def normalize(image, dtype="float32") -> tf.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# One view's random choices, and their packed form for the device
+
+# The colour stage's parameters of one view, packed in a float32 vector [NUM_PARAMS] that the
+# pipeline ships beside the uint8 view (batch key PARAMS_KEY) for `device_augment`:
+P_JITTER = 0                 # 1.0: ColorJitter applied (p=0.8)
+P_ORDER = slice(1, 5)        # its order: indices into (brightness, contrast, saturation, hue)
+P_FACTORS = slice(5, 9)      # brightness, contrast, saturation, hue factors
+P_GRAY = 9                   # 1.0: grayscale (p=0.2)
+P_BLUR = 10                  # 1.0: Gaussian blur (p=0.5)
+P_SIGMA = 11                 # the blur's sigma
+NUM_PARAMS = 12
+PARAMS_KEY = "view_params"
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewDraws:
+    """Every random choice after the crop box, drawn up front from the view's key: the same
+    key gives the same choices whether the colour stage then runs on the host or the device."""
+    down_key: tf.Tensor       # the optional downsample's own key (coin and resolution)
+    jitter: tf.Tensor         # bool
+    order: tf.Tensor          # int32 [4]
+    factors: tf.Tensor        # float32 [4]
+    gray: tf.Tensor           # bool
+    blur: tf.Tensor           # bool
+    sigma: tf.Tensor          # float32
+    flip: tf.Tensor           # bool
+
+    @classmethod
+    def draw(cls, key) -> "ViewDraws":
+        k_down, k_jitter, k_jitter_p, k_gray_p, k_blur, k_blur_p, k_flip_p = split_key(key, 7)
+        order, factors = jitter_draws(k_jitter)
+        return cls(down_key=k_down, jitter=_uniform(k_jitter_p) < JITTER_PROB, order=order,
+                   factors=factors, gray=_uniform(k_gray_p) < GRAYSCALE_PROB,
+                   blur=_uniform(k_blur_p) < BLUR_PROB,
+                   sigma=_uniform(k_blur, [], BLUR_SIGMA[0], BLUR_SIGMA[1]),
+                   flip=_uniform(k_flip_p) < FLIP_PROB)
+
+    def packed(self) -> tf.Tensor:
+        """The colour stage's parameters, float32 [NUM_PARAMS] (layout: the P_* constants)."""
+        def flag(x):
+            return tf.cast(x, tf.float32)[None]
+        return tf.concat([flag(self.jitter), tf.cast(self.order, tf.float32), self.factors,
+                          flag(self.gray), flag(self.blur), self.sigma[None]], axis=0)
+
+
+def colour_stage(image, draws: ViewDraws) -> tf.Tensor:
+    """The strong recipe's ColorJitter (p=0.8), grayscale (p=0.2) and blur (p=0.5) on a float
+    image in [0, 1], as the reference orders them."""
+    image = tf.cond(draws.jitter, lambda: apply_jitter(image, draws.order, draws.factors),
+                    lambda: image)
+    image = tf.cond(draws.gray, lambda: to_grayscale_rgb(image), lambda: image)
+    return tf.cond(draws.blur, lambda: gaussian_blur(image, draws.sigma), lambda: image)
+
+
+# --------------------------------------------------------------------------------------------
 # Recipes
 
 
-def augment_crop(key, crop_image, spec: AugmentSpec, source_short_side) -> tf.Tensor:
-    """Everything after the crop box: optional downsample, resize to `spec.size`, the recipe's
-    colour/blur/flip, normalisation. `crop_image` is uint8 (or float 0-255) [h, w, 3]."""
-    k_down, k_jitter, k_jitter_p, k_gray_p, k_blur, k_blur_p, k_flip_p = split_key(key, 7)
+def _downsampled(draws: ViewDraws, crop_image, spec: AugmentSpec, source_short_side):
+    """The crop as float32 0-255, shrunk by the optional downsample augmentation."""
     image = tf.cast(crop_image, tf.float32)
     if spec.downsample_prob > 0:
         image = _apply_with_prob(
-            k_down, spec.downsample_prob,
-            lambda x: downsample_crop(k_down, x, source_short_side, spec.down_res), image)
+            draws.down_key, spec.downsample_prob,
+            lambda x: downsample_crop(draws.down_key, x, source_short_side, spec.down_res), image)
         image = tf.ensure_shape(image, [None, None, 3])
-    image = resize_to_unit(image, spec.size, spec.size)
+    return image
+
+
+def augment_crop(key, crop_image, spec: AugmentSpec, source_short_side) -> tf.Tensor:
+    """Everything after the crop box, on the host: optional downsample, resize to `spec.size`,
+    the recipe's colour/blur/flip, normalisation. `crop_image` is uint8 (or float 0-255)
+    [h, w, 3]; `key` is the second half of the view's key (see `finish_view`)."""
+    draws = ViewDraws.draw(key)
+    image = resize_to_unit(_downsampled(draws, crop_image, spec, source_short_side),
+                           spec.size, spec.size)
     if spec.recipe == "strong":
-        image = _apply_with_prob(k_jitter_p, JITTER_PROB, lambda x: color_jitter(k_jitter, x), image)
-        image = _apply_with_prob(k_gray_p, GRAYSCALE_PROB, to_grayscale_rgb, image)
-        sigma = _uniform(k_blur, [], BLUR_SIGMA[0], BLUR_SIGMA[1])
-        image = _apply_with_prob(k_blur_p, BLUR_PROB, lambda x: gaussian_blur(x, sigma), image)
-        image = _apply_with_prob(k_flip_p, FLIP_PROB, flip_left_right, image)
+        image = colour_stage(image, draws)
+        image = tf.cond(draws.flip, lambda: flip_left_right(image), lambda: image)
     image = tf.ensure_shape(image, [spec.size, spec.size, 3])
     return normalize(image, spec.dtype)
 
 
-def augment_image(key, image, spec: AugmentSpec) -> tf.Tensor:
-    """One training view of a decoded uint8 image [H, W, 3]."""
+def prepare_crop(key, crop_image, spec: AugmentSpec, source_short_side):
+    """The host's share of a view whose colour stage runs on the device: optional downsample,
+    resize to `spec.size` rounded to uint8 (PIL's resize returns uint8 too), the strong
+    recipe's flip (it commutes with the colour stage: per-pixel operations, the global mean and
+    a symmetric blur with mirrored edges). Returns (uint8 [S, S, 3], float32 [NUM_PARAMS]);
+    the weak recipe's parameters are all zero (no colour stage)."""
+    draws = ViewDraws.draw(key)
+    image = resize(_downsampled(draws, crop_image, spec, source_short_side), spec.size, spec.size)
+    image = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+    if spec.recipe == "strong":
+        image = tf.cond(draws.flip, lambda: flip_left_right(image), lambda: image)
+        params = draws.packed()
+    else:
+        params = tf.zeros([NUM_PARAMS], tf.float32)
+    return tf.ensure_shape(image, [spec.size, spec.size, 3]), params
+
+
+def _halves(key) -> tuple[tf.Tensor, tf.Tensor]:
+    """A view key's two halves: the crop box's key and the key of everything after it."""
     k_box, k_rest = split_key(key, 2)
+    return k_box, k_rest
+
+
+def finish_view(key, crop_image, spec: AugmentSpec, source_short_side) -> tf.Tensor:
+    """The view keyed by `key` from its decoded crop, wholly on the host (normalised)."""
+    return augment_crop(_halves(key)[1], crop_image, spec, source_short_side)
+
+
+def prepare_view(key, crop_image, spec: AugmentSpec, source_short_side):
+    """The view keyed by `key` from its decoded crop, its colour stage left to the device:
+    (uint8 [S, S, 3], parameters [NUM_PARAMS]); see `prepare_crop`."""
+    return prepare_crop(_halves(key)[1], crop_image, spec, source_short_side)
+
+
+# libjpeg upsamples subsampled chroma from neighbouring samples, and treats the edge of a cropped
+# decode as the image's edge: the crop's border pixels then differ from a full decode's (by up
+# to ~10 levels at 4:2:0). Decoding a window JPEG_MARGIN pixels wider and cutting the box out of
+# it gives exactly the full decode's pixels (tests/test_augment.py checks it).
+JPEG_MARGIN = 2
+
+
+def _decode_jpeg_box(encoded, box, shape) -> tf.Tensor:
+    """Pixels of `box` [top, left, h, w] of a JPEG, equal to those of a full decode."""
+    top, left = tf.maximum(box[0] - JPEG_MARGIN, 0), tf.maximum(box[1] - JPEG_MARGIN, 0)
+    bottom = tf.minimum(box[0] + box[2] + JPEG_MARGIN, shape[0])
+    right = tf.minimum(box[1] + box[3] + JPEG_MARGIN, shape[1])
+    window = tf.io.decode_and_crop_jpeg(encoded, tf.stack([top, left, bottom - top, right - left]),
+                                        channels=3)
+    return crop(window, tf.stack([box[0] - top, box[1] - left, box[2], box[3]]))
+
+
+def decode_view_crops(encoded, keys, spec: AugmentSpec):
+    """The crops of one encoded image for the views keyed by `keys` (uint8 [h, w, 3] each) and
+    the image's shorter side. A JPEG is decoded crop by crop (`decode_and_crop_jpeg`: only the
+    rows and column blocks a box covers; the box needs only the header's shape); other formats
+    are decoded once and cropped. Raises (InvalidArgumentError) on undecodable bytes."""
+    def boxes(shape):
+        return [random_resized_crop_box(_halves(k)[0], shape[0], shape[1], spec.crop_scale)
+                for k in keys]
+
+    def jpeg():
+        shape = tf.io.extract_jpeg_shape(encoded, output_type=tf.int32)
+        crops = [_decode_jpeg_box(encoded, box, shape) for box in boxes(shape)]
+        return tuple(crops), tf.minimum(shape[0], shape[1])
+
+    def other():
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        shape = tf.shape(image)
+        return tuple(crop(image, box) for box in boxes(shape)), tf.minimum(shape[0], shape[1])
+
+    crops, short_side = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+    return tuple(tf.ensure_shape(c, [None, None, 3]) for c in crops), short_side
+
+
+def _view_crop(key, image, spec: AugmentSpec):
+    """The view's crop of a decoded image and the image's shorter side."""
     shape = tf.shape(image)
-    box = random_resized_crop_box(k_box, shape[0], shape[1], spec.crop_scale)
-    return augment_crop(k_rest, crop(image, box), spec, tf.minimum(shape[0], shape[1]))
+    box = random_resized_crop_box(_halves(key)[0], shape[0], shape[1], spec.crop_scale)
+    return crop(image, box), tf.minimum(shape[0], shape[1])
+
+
+def augment_image(key, image, spec: AugmentSpec) -> tf.Tensor:
+    """One training view of a decoded uint8 image [H, W, 3], wholly on the host."""
+    crop_image, short_side = _view_crop(key, image, spec)
+    return finish_view(key, crop_image, spec, short_side)
+
+
+def prepare_image(key, image, spec: AugmentSpec):
+    """The same view with its colour stage left to the device: (uint8 [S, S, 3], parameters
+    [NUM_PARAMS]) for `device_augment.finish_views`."""
+    crop_image, short_side = _view_crop(key, image, spec)
+    return prepare_view(key, crop_image, spec, short_side)

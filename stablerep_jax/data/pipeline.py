@@ -7,9 +7,13 @@ Stream of one host (all stages deterministic for a fixed seed):
   -> parse, pick m of K images              (keyed by seed, epoch, label, draw)
   -> permuted in windows of data.shuffle_buffer records
   -> after each epoch, its first 2 x allowance records again as spares (draw 1)
-  -> decode; undecodable records flagged   (views.safe_decode)
+  -> decode the m x num_crop views' crops   (views.safe_decode; JPEG: only the crop; keyed
+     by seed, epoch, label, view, draw); undecodable records flagged
   -> keep the first `steps_per_epoch * B_host` decodable records of each epoch, count drops
-  -> m x num_crop augmented views           (keyed by seed, epoch, label, view, draw)
+  -> the views: resize, flip, and either    (same keys)
+       the colour stage + normalisation here (data.augment_on_device False), or
+       uint8 views + each view's colour parameters, finished in the train step on the
+       accelerator by `device_augment.finish_views` (data.augment_on_device True, the default)
   -> batch(B_host) [-> CLIP tokens] -> prefetch
 
 Every epoch yields `steps_per_epoch` batches, the trainer's number (`shards.steps_per_epoch`:
@@ -231,6 +235,11 @@ def make_train_iterator(data_config, *, batch_size: int, seed: int, process_inde
     [B_host, 77] int32 when `tokenizer_dir` is given}, where B_host = batch_size //
     process_count, V = n_img * num_crop, S = data.image_size.
 
+    With `data.augment_on_device` (the default) "images" are uint8 (cropped, resized, flipped)
+    and "view_params" [B_host, V, NUM_PARAMS] float32 carries each view's colour stage, which
+    `device_augment.model_images` applies (normalised, `data.image_dtype`) inside the jitted
+    step; without it "images" are finished here, normalised, in `data.image_dtype`.
+
     `steps_per_epoch` is the trainer's (`train.training_length`); by default it is computed the
     same way (`shards.steps_per_epoch`). `num_threads` caps tf.data's CPU threads (default: all
     cores)."""
@@ -244,6 +253,7 @@ def make_train_iterator(data_config, *, batch_size: int, seed: int, process_inde
     if not 0.0 <= max_bad < 0.5:
         raise ValueError(f"data.max_bad_fraction={max_bad}: must be in [0, 0.5)")
     spec = augment.AugmentSpec.from_config(data_config)
+    on_device = augment_on_device(data_config)
     pattern = data_config.train_files
     if not pattern:
         raise ValueError("set data.train_files to a glob of TFRecord shards")
@@ -285,15 +295,18 @@ def make_train_iterator(data_config, *, batch_size: int, seed: int, process_inde
     ds = _read_records(plan, start_epoch, step_in_epoch * host_batch,
                        int(data_config.shuffle_buffer), spare_records=min(n, 2 * allowance),
                        n_img=n_img, seed=int(seed))
-    ds = ds.interleave(lambda e: views.safe_decode(e, n_img=n_img), cycle_length=tf.data.AUTOTUNE,
-                       block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.interleave(lambda e: views.safe_decode(e, n_img=n_img, num_crop=num_crop,
+                                                   seed=int(seed), spec=spec),
+                       cycle_length=tf.data.AUTOTUNE, block_length=1,
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     init, scan = _count_and_keep(
         start_epoch=start_epoch, first_quota=(steps_per_epoch - step_in_epoch) * host_batch,
         quota=steps_per_epoch * host_batch, allowance=allowance)
     ds = ds.scan(init, scan).filter(lambda e: e["keep"])
 
     def to_views(e):
-        out = views.augment_views(e, spec=spec, num_crop=num_crop, seed=int(seed))
+        out = views.augment_views(e, spec=spec, num_crop=num_crop, seed=int(seed),
+                                  on_device=on_device)
         out.update(_dropped=e["_dropped"], _seen=e["_seen"])
         return out
 
@@ -309,6 +322,14 @@ def make_train_iterator(data_config, *, batch_size: int, seed: int, process_inde
         options.threading.max_intra_op_parallelism = 1
     ds = ds.with_options(options)
     return TrainIterator(ds, info, pattern, max_bad)
+
+
+def augment_on_device(data_config) -> bool:
+    """Does the colour stage run in the train step (`data.augment_on_device`, default True)?"""
+    value = data_config.get("augment_on_device", True)
+    if not isinstance(value, bool):
+        raise ValueError(f"data.augment_on_device={value!r}: use True or False")
+    return value
 
 
 def _drop_captions(batch):

@@ -1,11 +1,13 @@
-"""Per-record work of the training pipeline: pick m of a caption's K images, decode them, and
-turn them into m x num_crop augmented views.
+"""Per-record work of the training pipeline: pick m of a caption's K images, decode the m x
+num_crop crops of their views, and turn those into augmented views.
 
 Randomness is keyed by (seed, epoch, label[, view], draw) only (label = caption_id + the
 offset of the record's directory), so the images sampled for a
 caption and their augmentations do not depend on batch size, host count, shuffling or where a
 run was resumed. Decoding is separated from augmentation so that only undecodable *data* is
-dropped (see `safe_decode`), while a bug in augmentation still fails loudly.
+dropped (see `safe_decode`), while a bug in augmentation still fails loudly. A view's crop box
+and the rest of it come from the same view key (`augment.decode_view_crops`, `finish_view`,
+`prepare_view`), so a view equals `augment.augment_image(view_key, decoded image)`.
 """
 from __future__ import annotations
 
@@ -49,43 +51,71 @@ def parse_and_sample(serialized, epoch, *, n_img: int, seed: int, readable=True,
             "draw": tf.cast(draw, tf.int64), "encoded": encoded}
 
 
-def _decode_all(element: dict, n_img: int) -> dict:
-    images = tuple(tf.io.decode_image(element["encoded"][i], channels=3, expand_animations=False)
-                   for i in range(n_img))
-    out = {k: v for k, v in element.items() if k != "encoded"}
-    out["images"] = images
-    out["ok"] = tf.constant(True)
-    return out
-
-
-def _placeholder(element: dict, n_img: int) -> dict:
-    out = {k: v for k, v in element.items() if k != "encoded"}
-    out["images"] = tuple(tf.zeros([1, 1, 3], tf.uint8) for _ in range(n_img))
-    out["ok"] = tf.constant(False)
-    return out
-
-
-def safe_decode(element: dict, *, n_img: int) -> tf.data.Dataset:
-    """A one-element dataset: the decoded images with ok=True, or, when any of the bytes fail
-    to decode, 1x1 placeholders with ok=False. Used with `interleave`, so a bad record becomes a
-    flagged element that the pipeline can count instead of an error that stops it."""
-    decoded = tf.data.Dataset.from_tensors(element).map(
-        lambda e: _decode_all(e, n_img)).ignore_errors()
-    fallback = tf.data.Dataset.from_tensors(element).map(lambda e: _placeholder(e, n_img))
-    return decoded.concatenate(fallback).take(1)
-
-
 def view_key(seed: int, epoch, label, view: int, draw=0):
     return augment.make_key(seed, _VIEW_SALT, epoch, label, view, draw)
 
 
-def augment_views(element: dict, *, spec: augment.AugmentSpec, num_crop: int, seed: int) -> dict:
-    """[n_img * num_crop, S, S, 3] views, image-major: (img0 crop0, img0 crop1, img1 crop0, ...)."""
-    views = []
-    for i, image in enumerate(element["images"]):
-        for c in range(num_crop):
-            key = view_key(seed, element["epoch"], element["label"], i * num_crop + c,
-                           element["draw"])
-            views.append(augment.augment_image(key, image, spec))
-    return {"images": tf.stack(views), "labels": tf.cast(element["label"], tf.int32),
-            "caption": element["caption"]}
+def _view_keys(element: dict, image: int, num_crop: int, seed: int) -> list:
+    """The keys of stored image `image`'s views (image-major view numbering)."""
+    return [view_key(seed, element["epoch"], element["label"], image * num_crop + c,
+                     element["draw"]) for c in range(num_crop)]
+
+
+def _decode_all(element: dict, n_img: int, num_crop: int, seed: int,
+                spec: augment.AugmentSpec) -> dict:
+    crops, short_sides = [], []
+    for i in range(n_img):
+        image_crops, short_side = augment.decode_view_crops(
+            element["encoded"][i], _view_keys(element, i, num_crop, seed), spec)
+        crops.extend(image_crops)
+        short_sides.extend([short_side] * num_crop)
+    out = {k: v for k, v in element.items() if k != "encoded"}
+    out["crops"] = tuple(crops)
+    out["short_sides"] = tf.stack(short_sides)
+    out["ok"] = tf.constant(True)
+    return out
+
+
+def _placeholder(element: dict, num_views: int) -> dict:
+    out = {k: v for k, v in element.items() if k != "encoded"}
+    out["crops"] = tuple(tf.zeros([1, 1, 3], tf.uint8) for _ in range(num_views))
+    out["short_sides"] = tf.ones([num_views], tf.int32)
+    out["ok"] = tf.constant(False)
+    return out
+
+
+def safe_decode(element: dict, *, n_img: int, num_crop: int, seed: int,
+                spec: augment.AugmentSpec) -> tf.data.Dataset:
+    """A one-element dataset: the decoded crops of the n_img x num_crop views (uint8, image-
+    major) with ok=True, or, when any of the bytes fail to decode, 1x1 placeholders with
+    ok=False. Used with `interleave`, so a bad record becomes a flagged element that the
+    pipeline can count instead of an error that stops it. Only the crop boxes (a few tested
+    lines) run inside this error net besides decoding; the rest of the view fails loudly."""
+    decoded = tf.data.Dataset.from_tensors(element).map(
+        lambda e: _decode_all(e, n_img, num_crop, seed, spec)).ignore_errors()
+    fallback = tf.data.Dataset.from_tensors(element).map(
+        lambda e: _placeholder(e, n_img * num_crop))
+    return decoded.concatenate(fallback).take(1)
+
+
+def augment_views(element: dict, *, spec: augment.AugmentSpec, num_crop: int, seed: int,
+                  on_device: bool = False) -> dict:
+    """[n_img * num_crop, S, S, 3] views, image-major: (img0 crop0, img0 crop1, img1 crop0, ...),
+    from `safe_decode`'s crops. Wholly on the host (normalised, `spec.dtype`), or, with
+    `on_device`, uint8 views plus their colour parameters [V, NUM_PARAMS] under
+    `augment.PARAMS_KEY` for `device_augment.finish_views`."""
+    views, params = [], []
+    for v, crop in enumerate(element["crops"]):
+        key = view_key(seed, element["epoch"], element["label"], v, element["draw"])
+        side = element["short_sides"][v]
+        if on_device:
+            view, view_params = augment.prepare_view(key, crop, spec, side)
+            params.append(view_params)
+        else:
+            view = augment.finish_view(key, crop, spec, side)
+        views.append(view)
+    out = {"images": tf.stack(views), "labels": tf.cast(element["label"], tf.int32),
+           "caption": element["caption"]}
+    if on_device:
+        out[augment.PARAMS_KEY] = tf.stack(params)
+    return out
