@@ -113,24 +113,60 @@ def test_memory_fits_uses_each_chips_capacity():
     assert memory.fits(96 * gib) == []
 
 
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def libtpu_path() -> str | None:
+    """A folder holding the libtpu package ($STABLEREP_LIBTPU_PATH, which .ci/run fills), "" if
+    libtpu is importable as installed, None if neither."""
+    import importlib.util
+    folder = os.environ.get("STABLEREP_LIBTPU_PATH", "")
+    if folder and os.path.isfile(os.path.join(folder, "libtpu", "__init__.py")):
+        return folder
+    return "" if importlib.util.find_spec("libtpu") else None
+
+
 @pytest.mark.slow
-def test_remat_lowers_temporaries_on_the_tpu_compiler():
+def test_remat_lowers_temporaries_on_the_tpu_compiler(tmp_path):
     """XLA's TPU compiler keeps remat's recomputation in the backward pass (the CPU compiler
     folds it back into the forward pass), so its temporaries must drop. Deviceless: needs the
-    libtpu wheel, not a TPU."""
-    import importlib.util
-    if importlib.util.find_spec("libtpu") is None:
-        pytest.skip("libtpu is not installed (pip install libtpu): no TPU compiler here")
-    memory = _memory_module()
+    libtpu wheel, not a TPU; in a process of its own, so no other test sees a TPU plugin.
+    .ci/run installs libtpu outside the venv; under CI=true its absence fails the test."""
+    folder = libtpu_path()
+    if folder is None:
+        message = ("libtpu is not installed: set STABLEREP_LIBTPU_PATH to a folder filled by "
+                   "`pip install --target DIR libtpu==0.0.42.1` (.ci/run does)")
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
     # Activations must outweigh the rest: 4 blocks, 65 tokens, 32 x 2 images (measured: 134 MB
-    # of temporaries without remat, 33 MB with it, for 21% more FLOPs).
-    args = memory._args(["--variants", "tiny", "--depth", "4", "--captions", "32", "--views", "2",
-                         "--image_size", "64", "--patch_size", "8", "--mlp_dim", "64",
-                         "--emb_dim", "32", "--dtype", "float32", "--kinds", "stablerep",
-                         "--tpu_topology", "v5e:2x2", "--devices", "1"])
-    off, on = memory.measure(args)["rows"]
+    # of temporaries without remat, 33 MB with it, for 21% more FLOPs; with 2 blocks or 17
+    # tokens the TPU compiler's temporaries barely move).
+    _run("memory.py", "--variants", "tiny", "--depth", "4", "--captions", "32", "--views", "2",
+         "--image_size", "64", "--patch_size", "8", "--mlp_dim", "64", "--emb_dim", "32",
+         "--dtype", "float32", "--kinds", "stablerep", "--tpu_topology", "v5e:2x2",
+         "--devices", "1", "--libtpu_path", folder, "--json", str(tmp_path / "m.json"))
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["platform"] == "tpu"
+    off, on = result["rows"]
+    assert (off["remat"], on["remat"]) == ("off", "on")
     assert on["temp"] < 0.5 * off["temp"], (on["temp"], off["temp"])
     assert on["flops"] > off["flops"]
+
+
+def test_ci_installs_the_libtpu_that_this_jax_asks_for(repo_root):
+    """.ci/run's libtpu pin satisfies the installed jax's own [tpu] requirement, so the remat
+    test compiles with the TPU compiler this jax was released with."""
+    import importlib.metadata
+    import re
+
+    from packaging.requirements import Requirement
+    pin = re.search(r"^LIBTPU_VERSION=(\S+)$", (repo_root / ".ci" / "run").read_text(), re.M)
+    assert pin, ".ci/run sets no LIBTPU_VERSION"
+    wanted = [Requirement(r) for r in importlib.metadata.requires("jax") or []
+              if r.startswith("libtpu")]
+    assert wanted, "jax declares no libtpu requirement"
+    assert any(req.specifier.contains(pin.group(1)) for req in wanted), (pin.group(1), wanted)
 
 
 def _benchmark_module(script: str):
@@ -165,3 +201,91 @@ def test_probe_epoch_timing_trains_the_same_heads_on_device_and_through_the_host
     assert b["eval_bytes"] == 504 * (32 * 4 + 4 + 1)      # 500 padded to the 8 devices
     bench.print_epoch_timing(r)
     assert "ratio (b)/(a)" in capsys.readouterr().out
+
+
+# benchmarks/accelerator.py: the prepared accelerator run, here at tiny sizes on the CPU.
+
+
+@pytest.mark.slow
+def test_accelerator_run_writes_every_part_and_a_summary(tmp_path):
+    """The whole chain (preflight, the train step per attention kind, train_step.py, memory.py,
+    a random SD, sizing.py, generate.py) runs at tiny sizes; every part that ran leaves a log,
+    the JSON parts parse, and the summary holds a training row per attention kind that ran and
+    a generation row whose numbers are the parts' own."""
+    out = tmp_path / "results"
+    _run("accelerator.py", "--tiny", "--out", str(out))
+    summary = json.loads((out / "summary.json").read_text())
+    parts = {p["name"]: p for p in summary["parts"]}
+    assert list(parts) == ["preflight", "attention:einsum", "attention:dot_product",
+                           "attention:cudnn", "train_step", "memory", "sd_model", "sizing",
+                           "generate"]
+    assert parts["attention:cudnn"]["status"] == "skipped"        # a CPU, float32
+    ran = [p for p in parts.values() if p["status"] != "skipped"]
+    assert all(p["status"] == "ok" for p in ran), parts
+    for p in ran:
+        assert (out / p["log"]).stat().st_size > 0
+    assert json.loads((out / "preflight.json").read_text())["platform"] == "cpu"
+    rows = {r["job"]: r for r in summary["rows"]}
+    einsum = json.loads((out / "attention_einsum.json").read_text())
+    training = rows["training, attention=einsum"]
+    assert training["images_per_s"] == einsum["images_per_s"] > 0
+    assert einsum["images_per_step"] == 2 * 2 and einsum["flops_per_step"] > 0
+    assert training["vs_einsum"] == 1.0 and 0 < training["utilisation_measured"]
+    assert training["utilisation_published"] is None     # no published peak for a CPU
+    if parts["attention:dot_product"]["status"] == "ok":
+        dot = json.loads((out / "attention_dot_product.json").read_text())
+        assert rows["training, attention=dot_product"]["vs_einsum"] == pytest.approx(
+            dot["images_per_s"] / einsum["images_per_s"])
+    sizing = json.loads((out / "sizing.json").read_text())
+    assert rows["generation"]["images_per_s"] == sizing["generation"]["images_per_s"] > 0
+    memory = json.loads((out / "memory.json").read_text())
+    assert summary["xla_memory_analysis_peak_bytes"] == memory["rows"][0]["peak"] > 0
+    assert "| training, attention=einsum |" in (out / "summary.md").read_text()
+
+
+def _accelerator_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "accelerator_bench", os.path.join(REPO, "benchmarks", "accelerator.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module       # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accelerator_part_is_killed_at_its_timeout_and_skips_are_told_apart():
+    """A part past its limit is killed with its whole process group and recorded as timed out;
+    exit status EXIT_UNSUPPORTED reads as skipped with the part's last line as the reason."""
+    import time
+    acc = _accelerator_module()
+    sleeper = acc.Part("sleeper", [sys.executable, "-c",
+                                   "import subprocess, sys, time; print('started', flush=True);"
+                                   "subprocess.Popen([sys.executable, '-c', 'import time; "
+                                   "time.sleep(60)']); time.sleep(60)"], 60)
+    start = time.monotonic()
+    status, detail, wall, output = acc.run_part(sleeper, 2)
+    # A survivor would hold the output pipe open: the reader would wait its 10 s out.
+    assert (status, output) == ("timed out", "started\n") and time.monotonic() - start < 10
+    unsupported = acc.Part("unsupported", [sys.executable, "-c",
+                                           "print('no cuDNN here'); raise SystemExit(3)"], 60)
+    assert acc.run_part(unsupported, 30)[:2] == ("skipped", "no cuDNN here")
+
+
+def test_accelerator_plan_skips_what_this_machine_cannot_run():
+    """Missing packages and a non-GPU backend turn parts into skips with the reason, before
+    anything is started; on a GPU with CUDA PyTorch the comparisons with PyTorch run."""
+    acc = _accelerator_module()
+    args = acc._args([])
+    cpu = {p.name: p for p in acc.plan_parts(args, "/scratch", dict(
+        platform="cpu", missing=["tensorflow"], cuda_torch=False))}
+    assert "NVIDIA" in cpu["attention:cudnn"].skip
+    assert cpu["attention:einsum"].skip == "missing Python packages: tensorflow"
+    assert cpu["sd_model"].skip == "" and "--skip-torch" in cpu["generate"].argv
+    gpu = {p.name: p for p in acc.plan_parts(args, "/scratch", dict(
+        platform="gpu", missing=[], cuda_torch=True))}
+    assert not any(p.skip for p in gpu.values())
+    assert "--skip_torch" not in gpu["train_step"].argv
+    assert gpu["generate"].env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert acc.published_peak(args, "NVIDIA H200")[0] == 989e12
+    assert acc.published_peak(acc._args(["--published_peak_tflops", "700"]), "NVIDIA H200")[0] \
+        == 700e12
