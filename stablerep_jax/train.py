@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from stablerep_jax import checkpoint, cli, losses, optim, parallel, resume
-from stablerep_jax.data import pipeline, shards
+from stablerep_jax.data import device_augment, pipeline, shards
 from stablerep_jax.metrics import MetricWriter
 from stablerep_jax.models.encoder import build_model
 
@@ -177,7 +177,8 @@ def make_loss_fn(model, config):
         # The encoder lays features out view-major: view 0 of every caption, then view 1, ...
         image_labels = jnp.tile(batch["labels"], n_views)
         out, mutated = model.apply({"params": params, "batch_stats": batch_stats},
-                                   batch["images"], batch.get("tokens"), train=True,
+                                   device_augment.model_images(batch, config.data),
+                                   batch.get("tokens"), train=True,
                                    mutable=["batch_stats"])
         if config.model.add_language:
             parts = losses.multi_positive_image_text_loss(
