@@ -434,3 +434,19 @@ def test_caption_order_is_a_fixed_permutation():
     big = shard_plan.caption_order(10_000, 1000)
     assert sorted(big.tolist()) == list(range(10_000))
     assert np.abs(np.diff(big[:1000])).mean() > 2000            # a shuffled sample, not a run
+
+
+def test_train_loss_sees_the_views_finished_on_the_device(files):
+    """The step's model input is `device_augment.model_images`: a device batch (uint8 views +
+    parameters) gives the loss of the same views finished beforehand."""
+    config = _train_config(files, 8)
+    batch = next(pipeline.make_train_iterator(config.data, batch_size=8, seed=0))
+    assert batch["images"].dtype == np.uint8
+    model = train.build_model(config.model)
+    variables = train.init_variables(model, config, jax.random.PRNGKey(0))
+    loss_fn = jax.jit(train.make_loss_fn(model, config))
+    finished = {"images": jax.jit(lambda b: device_augment.model_images(b, config.data))(batch),
+                "labels": batch["labels"]}
+    losses = [float(loss_fn(variables["params"], variables["batch_stats"], b, 0.1)[0])
+              for b in (batch, finished)]
+    assert np.isfinite(losses[0]) and losses[0] == pytest.approx(losses[1], rel=1e-6)
