@@ -1,38 +1,48 @@
-r"""The whole StableRep chain on a laptop CPU in minutes: generate -> train -> linear probe.
+r"""StableRep's finding in miniature on a laptop CPU: generate -> train three ways -> linear probe.
 
   python -m stablerep_jax.demo --workdir=/tmp/stablerep_demo
 
-The default generator is a procedural text-to-image renderer (`generation/toy_world.py`): each
-caption ("two small red triangles on a striped background") is rendered K times with random
-placement, size, rotation, lighting and clutter. The demo trains StableRep (multi-positive, several
-images per caption) and the SimCLR baseline (one image per caption, two crops) on the same images
-with the same number of views (crops) per step and steps, then linear-probes held-out renders by an
-attribute (default: the background pattern) with both encoders and with a randomly
-initialised one.
+A toy text-to-image world (`generation/toy_world.py`) stands in for the photos and for Stable
+Diffusion. Captions such as "two small red triangles on a striped background" describe an
+object's count, size, colour and shape and the background pattern; every render draws what the
+caption does not say (placement, rotation, size jitter, pattern geometry and colours, clutter,
+shadows, lighting, noise) afresh. From one caption set the demo makes two data sets, as the paper
+compares CC12M's photos with Stable Diffusion's images of the same captions:
+  real       one render per caption (a photo per caption)
+  synthetic  `images_per_caption` (K) other renders per caption (the generator's K samples)
+and trains, at equal captions, steps and views (crops) per step:
+  StableRep (synthetic)  multi-positive: data.n_img renders of each caption are positives
+  SimCLR (synthetic)     one render per caption per step, two crops of it
+  SimCLR (real)          the single real render, two crops of it
+plus a randomly initialised encoder as the floor. The probe classifies held-out renders of random
+captions by each attribute the captions describe (shape, colour, count, size, background) with a
+linear classifier on frozen features, and reports each and their mean.
 
 The jobs' own configs are nested here, built from their config files, so every field of the
 runs is one override away and nothing is copied by hand:
   train    configs/stablerep.py:tiny with the demo's sizes: the StableRep run
            (--config.train.model.depth=4, --config.train.total_steps=100, ...)
-  simclr   the SimCLR baseline: every field follows `train` (an override of train.X changes
-           both runs) except its view layout (data.n_img=1, data.num_crop=2) and batch_size
-           (half of train's views per step in captions, so both encode as many views per step,
-           as in the paper); an override of simclr.X changes SimCLR alone
+  simclr   the SimCLR runs (on both data sets): every field follows `train` (an override of
+           train.X changes every run) except its view layout (data.n_img=1, data.num_crop=2) and
+           batch_size (half of train's views per step in captions, so every run encodes as many
+           views per step, as in the paper); an override of simclr.X changes SimCLR alone
   sd       configs/generate.py:sd15 for generator=sd (model, K, stored size and seed follow the
            demo's fields; captions and output_dir are set by the demo)
-  probe    configs/linear_probe.py:folder, run once per encoder (checkpoint and dataset are
-           set by the demo). mode=cached_features: centre-crop features extracted once, heads
-           trained on them (the fast deviation from the reference protocol's augmented views,
-           chosen so the demo stays within minutes on 2 CPU cores; see the README)
+  probe    configs/linear_probe.py:folder: its sweep (epochs, base lrs, batch, BN) runs on
+           cached centre-crop features, once per encoder and attribute (the fast deviation from
+           the reference protocol's augmented views, chosen so the demo stays within minutes on
+           2 CPU cores; see REPRODUCING.md)
 `seed` seeds the data and, unless overridden there, train.seed, simclr.seed, probe.seed
 and sd.seed.
 
-With a real Stable Diffusion (diffusers folder or hub id) the same chain runs on its images:
+With a real Stable Diffusion (diffusers folder or hub id) the synthetic set is its images of the
+same captions (the toy renders stay the "real" photos):
 
   python -m stablerep_jax.demo --workdir=/tmp/sd_demo --config.generator=sd \
       --config.model=/models/stable-diffusion-v1-5
 
 Presets: `default` (about 5-10 minutes on 2 CPU cores) and `test` (a reduced size for the suite).
+`benchmarks/demo_study.py` runs the comparison over seeds and a base-lr grid.
 """
 import os
 
@@ -117,16 +127,18 @@ def simclr_config(train: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 
 def probe_config(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
-    """The linear probe run on each encoder (checkpoint and dataset: set by the demo)."""
+    """The linear-probe sweep run on each encoder and attribute (cached features)."""
     p = _job_config("linear_probe.py:folder")
     p.seed = c.get_ref("seed").identity()
     p.mode = "cached_features"          # see the module docstring
     p.epochs = 40 if preset == "test" else 100
     p.eval_every = 10
-    p.batch_size = 32
+    p.batch_size = 64
     p.use_bn = True                     # BatchNorm without affine before the classifier
-    # Wide enough that every encoder's best lr lies inside (not at an end) in our runs.
-    p.base_lrs = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+    # Wide enough that every encoder's best lr lies inside (not at an end); the report marks
+    # a best lr at an end of the grid.
+    p.base_lrs = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0,
+                  1000.0)
     return p
 
 
@@ -159,15 +171,16 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.checkpoint_dir = config_dict.placeholder(str)
 
     c.train = train_config(c, preset)
-    c.train_simclr = True                     # also train the SimCLR baseline, same budget
     c.simclr = simclr_config(c.train)
+    # The runs: StableRep on the synthetic set, SimCLR on the synthetic and on the real set.
+    c.baselines = ("simclr_synthetic", "simclr_real")   # which SimCLR runs to add (or none)
+    # Where the data sets and the probe set go (default WORKDIR/data): point several demo runs
+    # (benchmarks/demo_study.py's lr grid) at one copy.
+    c.data_dir = config_dict.placeholder(str)
 
-    # Which caption attribute the probe classifies: background, shape, color, count or size.
-    # Background patterns survive the strong augmentations; colour does not (colour jitter and
-    # grayscale make contrastive encoders colour-invariant on purpose), and shapes of objects a
-    # few pixels wide need far longer training than a CPU demo has.
-    c.probe_attribute = "background"
-    c.probe_train_per_class = 40 if preset == "test" else 60
-    c.probe_test_per_class = 40 if preset == "test" else 30
+    # The probe: held-out renders of random captions, one linear probe per attribute.
+    c.probe_attributes = ("shape", "color", "count", "size", "background")
+    c.probe_train_images = 200 if preset == "test" else 600
+    c.probe_test_images = 200 if preset == "test" else 600
     c.probe = probe_config(c, preset)
     return c

@@ -1,16 +1,17 @@
-r"""The whole chain on a CPU in minutes: generate -> train (StableRep and SimCLR) -> linear probe.
+r"""StableRep's comparison in miniature on a CPU: data -> train three ways -> linear probes.
 
   python -m stablerep_jax.demo --workdir=/tmp/stablerep_demo [--config.generator=sd --config.model=SD]
   python -m stablerep_jax.demo --workdir=DIR --config.train.model.depth=6 --config.probe.epochs=50
 
-The config (configs/demo.py) holds the configs of the jobs it runs: `train` (StableRep),
-`simclr`, `probe` and `sd`; this module only fills in what comes from WORKDIR (the data glob,
-the checkpoints and the probe folder). Every stage writes into WORKDIR and is reused when the
-demo is rerun (data with a manifest, training checkpoints resume), so an interrupted demo picks
-up where it stopped. Data, metrics, probe results and figures go through `fileio` (any
-tf.io.gfile URL); orbax checkpoints go to `checkpoint_dir` when set (orbax cannot write ram://).
-The end is a printed table, `report.md` (contact sheet, loss curves, probe top-1 per lr for each
-encoder, generation throughput) and `demo_results.json`.
+The config (configs/demo.py, which explains the design) holds the configs of the jobs it runs:
+`train` (StableRep), `simclr`, `probe` and `sd`; this module only fills in what comes from
+WORKDIR (the data globs, the checkpoints, the probe set). Every stage writes into WORKDIR (data
+in `data_dir`) and is reused when the demo is rerun (data with a manifest, training checkpoints
+resume), so an interrupted demo picks up where it stopped. Data, metrics, probe results and
+figures go through `fileio` (any tf.io.gfile URL); orbax checkpoints go to `checkpoint_dir` when
+set (orbax cannot write ram://). The end is a printed table, `report.md` (the table, real vs
+synthetic images of the same captions, loss curves, probe top-1 per lr, generation throughput)
+and `demo_results.json`.
 """
 from __future__ import annotations
 
@@ -20,13 +21,15 @@ import time
 import jax
 from absl import flags, logging
 
-from stablerep_jax import checkpoint, cli, fileio, linear_probe, train
+import numpy as np
+
+from stablerep_jax import checkpoint, cli, features, fileio, linear_probe, parallel, train
 from stablerep_jax.contact_sheet import save_contact_sheet
-from stablerep_jax.data import records, shards
+from stablerep_jax.data import eval_data, records, shards
 from stablerep_jax.generation import toy_world
 from stablerep_jax.metrics import read_metrics
 from stablerep_jax.models.encoder import build_model
-from stablerep_jax.report import markdown_table, plot_curves, plot_probe_accuracy, plot_throughput
+from stablerep_jax.report import markdown_table, plot_curves, plot_probe_attributes, plot_throughput
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -43,19 +46,28 @@ def _config_file(name: str) -> str:
 # Stage 1: data
 
 
-def make_data(config, workdir: str) -> str:
-    """Writes (or reuses) the training records; returns the shard glob."""
-    data_dir = os.path.join(workdir, "data")
-    if records.read_manifest(data_dir) is None:
+DATA_SETS = ("synthetic", "real")
+
+
+def make_data(config, data_dir: str) -> dict[str, str]:
+    """Writes (or reuses) both training sets of the same captions; returns their shard globs.
+    synthetic: K images per caption from the generator (toy renders, or Stable Diffusion);
+    real: one toy render per caption, from seeds the synthetic set never uses."""
+    if config.generator not in ("toy", "sd"):
+        raise ValueError(f"config.generator={config.generator!r}: use 'toy' or 'sd'")
+    dirs = {name: os.path.join(data_dir, name) for name in DATA_SETS}
+    if records.read_manifest(dirs["synthetic"]) is None:
         if config.generator == "toy":
-            toy_world.write_toy_dataset(data_dir, num_captions=config.num_captions,
+            toy_world.write_toy_dataset(dirs["synthetic"], num_captions=config.num_captions,
                                         images_per_caption=config.images_per_caption,
                                         image_size=config.stored_size, seed=config.seed)
-        elif config.generator == "sd":
-            _generate_with_sd(config, data_dir)
         else:
-            raise ValueError(f"config.generator={config.generator!r}: use 'toy' or 'sd'")
-    return os.path.join(data_dir, "*.tfrecord")
+            _generate_with_sd(config, dirs["synthetic"])
+    if records.read_manifest(dirs["real"]) is None:
+        toy_world.write_toy_dataset(dirs["real"], num_captions=config.num_captions,
+                                    images_per_caption=1, image_size=config.stored_size,
+                                    seed=config.seed, stream="real")
+    return {name: os.path.join(path, "*.tfrecord") for name, path in dirs.items()}
 
 
 def _generate_with_sd(config, data_dir: str) -> None:
@@ -65,7 +77,7 @@ def _generate_with_sd(config, data_dir: str) -> None:
     if not config.model:
         raise ValueError("config.generator='sd' needs --config.model (a diffusers folder or hub id)")
     gen = _job_config(config, "sd", set_by_demo=("captions", "output_dir"))
-    gen.captions = os.path.join(os.path.dirname(data_dir), "captions.txt")
+    gen.captions = os.path.join(os.path.dirname(data_dir), "sd_captions.txt")
     gen.output_dir = data_dir
     specs = toy_world.sample_captions(config.num_captions, config.seed)
     fileio.write_text_atomic(gen.captions, "\n".join(s.text for s in specs) + "\n")
@@ -87,11 +99,16 @@ def _job_config(config, name: str, set_by_demo: tuple[str, ...]):
     return job
 
 
-def samples_sheet(data_glob: str, workdir: str, rows: int = 6) -> str:
-    first = shards.matching_files(data_glob)[0]
-    recs = records.read_records(first, limit=rows)
+def samples_sheet(globs: dict[str, str], workdir: str, rows: int = 6) -> str:
+    """Real vs synthetic images of the same captions: a row per caption, the real image first."""
+    synthetic = records.read_records(shards.matching_files(globs["synthetic"])[0], limit=rows)
+    wanted = {r.caption_id for r in synthetic}
+    real = {r.caption_id: r.images[0] for path in shards.matching_files(globs["real"])
+            for r in records.read_records(path) if r.caption_id in wanted}
     path = os.path.join(workdir, "contact_sheet.png")
-    save_contact_sheet(path, [(r.caption, r.images) for r in recs], thumb_size=64)
+    save_contact_sheet(path, [(f"{r.caption} (real | {len(r.images)} synthetic)",
+                               [real[r.caption_id], *r.images]) for r in synthetic],
+                       thumb_size=64)
     return path
 
 
@@ -108,6 +125,22 @@ def train_config(config, name: str, data_glob: str):
     c = _job_config(config, name, set_by_demo=("data.train_files",))
     c.data.train_files = data_glob
     return c
+
+
+def run_config(config, slug: str, globs: dict[str, str]):
+    """The train config of one of `RUNS` on its data set."""
+    _, field, data_set = RUNS[slug]
+    return train_config(config, field, globs[data_set])
+
+
+def train_run(cfg, name: str, workdir: str, checkpoint_dir: str) -> None:
+    """Trains one encoder (resuming a finished or interrupted run); raises `Preempted` when
+    SIGTERM stopped it, so that no half-trained encoder is probed."""
+    logging.info("training %s (%d steps)", name, cfg.total_steps)
+    result = train.train_and_evaluate(cfg, workdir, checkpoint_workdir=checkpoint_dir)
+    if result.preempted:
+        raise Preempted(f"training {name} stopped by SIGTERM at step {result.step} of "
+                        f"{result.total_steps}; rerun the same command to resume")
 
 
 def random_checkpoint(train_cfg, directory: str) -> str:
@@ -128,72 +161,119 @@ def random_checkpoint(train_cfg, directory: str) -> str:
 # Stage 3: probe
 
 
-def probe(config, checkpoint_dir: str, folder: str, workdir: str) -> dict:
-    """`config.probe` on one encoder's checkpoint and the demo's probe folder."""
-    c = _job_config(config, "probe", set_by_demo=("checkpoint", "dataset"))
-    c.checkpoint = checkpoint_dir
-    c.dataset = f"folder:{folder}"
-    return linear_probe.run(c, workdir)
+def probe_set(config, data_dir: str) -> dict:
+    """The held-out probe renders (written once, reused): {split: (paths, caption specs)}."""
+    root = os.path.join(data_dir, "probe_set")
+    toy_world.write_toy_probe_set(root, config.probe_train_images, config.probe_test_images,
+                                  image_size=config.stored_size, seed=config.seed + 1)
+    return toy_world.read_toy_probe_set(root)
+
+
+def probe_encoder(config, checkpoint_dir: str, images: dict, mesh) -> dict:
+    """{attribute: the sweep's results} for one encoder: its frozen features of the probe set
+    are extracted once (centre crops, float32) and `config.probe`'s sweep runs per attribute."""
+    p = _job_config(config, "probe", set_by_demo=("checkpoint", "dataset"))
+    if p.mode != "cached_features":
+        raise ValueError(f"--config.probe.mode={p.mode!r}: the demo probes every attribute on "
+                         "features extracted once, so it runs mode 'cached_features' only; run "
+                         "python -m stablerep_jax.linear_probe for the augmented protocol")
+    encoder = features.load_encoder(checkpoint_dir)
+    encode = features.make_encode_fn(encoder.model, mesh)
+    variables = features.replicate(encoder.variables, mesh)
+    feats, specs = {}, {}
+    for split, (paths, split_specs) in images.items():
+        unlabelled = eval_data.FolderSplit(split, tuple(paths), (0,) * len(paths))
+        feats[split] = features.split_features(encode, variables, unlabelled, encoder.image_size,
+                                               p.extract_batch_size, mesh,
+                                               desc=f"{split} features")[0]
+        specs[split] = split_specs
+    results = {}
+    for attribute in config.probe_attributes:
+        labels = {split: toy_world.attribute_labels(specs[split], attribute) for split in specs}
+        results[attribute] = linear_probe.probe_cached(
+            p, (feats["train"], labels["train"]), (feats["test"], labels["test"]),
+            len(toy_world.ATTRIBUTE_VALUES[attribute]), mesh)
+    return results
+
+
+def method_row(results: dict, base_lrs) -> dict:
+    """One method's line of the table: top-1 and best base lr per attribute, their mean, and
+    the attributes whose best lr sits at an end of the sweep (the grid did not bracket it)."""
+    ends = (min(base_lrs), max(base_lrs))
+    return {"mean": float(np.mean([r["best_top1"] for r in results.values()])),
+            "top1": {a: r["best_top1"] for a, r in results.items()},
+            "best_lr": {a: r["best_lr"] for a, r in results.items()},
+            "best_lr_at_grid_end": [a for a, r in results.items() if r["best_lr"] in ends]}
 
 
 # --------------------------------------------------------------------------------------------
 # The job
 
 
-RUNS = {"StableRep": "train", "SimCLR": "simclr"}     # encoder name -> its config field
+# slug -> (name in the report, its config field, its data set)
+RUNS = {"stablerep": ("StableRep (synthetic)", "train", "synthetic"),
+        "simclr_synthetic": ("SimCLR (synthetic)", "simclr", "synthetic"),
+        "simclr_real": ("SimCLR (real)", "simclr", "real")}
+RANDOM = ("random_init", "random init")
 
 
-def _slug(name: str) -> str:
-    return name.lower().replace(" ", "_")
+def _runs(config) -> list[str]:
+    unknown = [b for b in config.baselines if b not in RUNS or b == "stablerep"]
+    if unknown:
+        raise ValueError(f"--config.baselines: unknown run(s) {unknown}; choose from "
+                         f"{[k for k in RUNS if k != 'stablerep']}")
+    return ["stablerep"] + [k for k in RUNS if k in config.baselines]
 
 
 def run(config, workdir: str) -> dict:
     start = time.time()
+    runs = _runs(config)
     fileio.makedirs(workdir)
-    data_glob = make_data(config, workdir)
-    sheet = samples_sheet(data_glob, workdir)
+    data_dir = config.data_dir or os.path.join(workdir, "data")
+    globs = make_data(config, data_dir)
+    sheet = samples_sheet(globs, workdir)
     # Checkpoints beside the metrics unless `checkpoint_dir` says otherwise (orbax cannot write
     # every URL a workdir may be, e.g. ram://).
     ckpt_root = config.checkpoint_dir or workdir
 
-    names = ["StableRep"] + (["SimCLR"] if config.train_simclr else [])
-    run_dirs = {name: os.path.join(workdir, _slug(name)) for name in names}
-    encoders = {name: os.path.join(ckpt_root, _slug(name)) for name in names}
-    train_cfgs = {name: train_config(config, RUNS[name], data_glob) for name in names}
-    for name, cfg in train_cfgs.items():
-        logging.info("training %s (%d steps)", name, cfg.total_steps)
-        result = train.train_and_evaluate(cfg, run_dirs[name], checkpoint_workdir=encoders[name])
-        if result.preempted:   # never go on to probe a half-trained encoder
-            raise Preempted(f"training {name} stopped by SIGTERM at step {result.step} of "
-                            f"{result.total_steps}; rerun the same command to resume")
-    encoders["random init"] = random_checkpoint(train_cfgs["StableRep"],
-                                                os.path.join(ckpt_root, "random_init"))
+    run_dirs = {slug: os.path.join(workdir, slug) for slug in runs}
+    encoders = {slug: os.path.join(ckpt_root, slug) for slug in runs}
+    train_cfgs = {slug: run_config(config, slug, globs) for slug in runs}
+    for slug, cfg in train_cfgs.items():
+        train_run(cfg, RUNS[slug][0], run_dirs[slug], encoders[slug])
+    encoders[RANDOM[0]] = random_checkpoint(train_cfgs["stablerep"],
+                                            os.path.join(ckpt_root, RANDOM[0]))
+    names = {**{slug: RUNS[slug][0] for slug in runs}, RANDOM[0]: RANDOM[1]}
 
-    folder = os.path.join(workdir, f"probe_{config.probe_attribute}")
-    toy_world.write_toy_probe_folder(
-        folder, attribute=config.probe_attribute, train_per_class=config.probe_train_per_class,
-        test_per_class=config.probe_test_per_class, image_size=config.stored_size,
-        seed=config.seed + 1)
-    results = {name: probe(config, path, folder, os.path.join(workdir, "probe", _slug(name)))
-               for name, path in encoders.items()}
+    images = probe_set(config, data_dir)
+    mesh = parallel.make_mesh()
+    results = {}
+    for slug, path in encoders.items():
+        logging.info("probing %s on %s", names[slug], ", ".join(config.probe_attributes))
+        results[slug] = probe_encoder(config, path, images, mesh)
+        if jax.process_index() == 0:
+            fileio.write_json_atomic(os.path.join(workdir, "probe", f"{slug}.json"), results[slug])
 
-    figures = _figures(config, workdir, run_dirs, results)
+    methods = {names[slug]: {"data": RUNS[slug][2] if slug in RUNS else None,
+                             **method_row(r, config.probe.base_lrs)}
+               for slug, r in results.items()}
+    figures = _figures(config, workdir, run_dirs, {names[s]: r for s, r in results.items()},
+                       names, data_dir)
     summary = {
         "generator": config.generator,
-        "probe_attribute": config.probe_attribute,
+        "probe_attributes": list(config.probe_attributes),
         "probe_mode": config.probe.mode,
-        "probe_top1_trained": results["StableRep"]["best_top1"],
-        "probe_top1_random": results["random init"]["best_top1"],
-        "probe_top1_simclr": results["SimCLR"]["best_top1"] if "SimCLR" in results else None,
-        "probe": {name: {"best_top1": r["best_top1"], "best_lr": r["best_lr"]}
-                  for name, r in results.items()},
+        "probe_top1_trained": methods[RUNS["stablerep"][0]]["mean"],
+        "probe_top1_random": methods[RANDOM[1]]["mean"],
+        "methods": methods,
         "train_steps": config.train.total_steps,
-        "views_per_step": {name: _views_per_step(cfg) for name, cfg in train_cfgs.items()},
+        "views_per_step": {names[slug]: _views_per_step(cfg) for slug, cfg in train_cfgs.items()},
         "figures": {key: os.path.basename(path) for key, path in figures.items()},
         "seconds": round(time.time() - start, 1),
     }
-    fileio.write_json_atomic(os.path.join(workdir, "demo_results.json"), summary)
-    _write_report(workdir, config, summary, sheet, figures)
+    if jax.process_index() == 0:
+        fileio.write_json_atomic(os.path.join(workdir, "demo_results.json"), summary)
+        _write_report(workdir, config, summary, sheet, figures)
     _print_table(summary)
     return summary
 
@@ -202,18 +282,18 @@ def _views_per_step(cfg) -> int:
     return cfg.batch_size * cfg.data.n_img * cfg.data.num_crop
 
 
-def _figures(config, workdir: str, run_dirs: dict, results: dict) -> dict:
-    """The report's PNGs: loss curves, probe top-1 per lr for each encoder, and the
-    generator's throughput when it wrote a summary.json (generate and the toy renderer do)."""
-    curves = {name: [(m["step"], m["loss"]) for m in read_metrics(path)]
-              for name, path in run_dirs.items()}
+def _figures(config, workdir: str, run_dirs: dict, results: dict, names: dict,
+             data_dir: str) -> dict:
+    """The report's PNGs: loss curves, probe top-1 per lr per attribute for every encoder, and
+    the generator's throughput when it wrote a summary.json (generate and the toy renderer do)."""
+    curves = {names[slug]: [(m["step"], m["loss"]) for m in read_metrics(path)]
+              for slug, path in run_dirs.items()}
     figures = {"loss curves": plot_curves(os.path.join(workdir, "loss_curves.png"), curves,
                                           title="training loss (each is its own objective)")}
-    for name, r in results.items():
-        figures[f"probe {name}"] = plot_probe_accuracy(
-            os.path.join(workdir, f"probe_{_slug(name)}.png"), r,
-            title=f"{name}: linear probe on {config.probe_attribute} ({r['mode']})")
-    summary_path = os.path.join(workdir, "data", toy_world.SUMMARY_NAME)
+    figures["probe"] = plot_probe_attributes(
+        os.path.join(workdir, "probe_per_lr.png"), results,
+        title=f"linear probe ({config.probe.mode}): best test top-1 over epochs per base lr")
+    summary_path = os.path.join(data_dir, "synthetic", toy_world.SUMMARY_NAME)
     if fileio.exists(summary_path):
         figures["generation throughput"] = plot_throughput(
             os.path.join(workdir, "generation_throughput.png"),
@@ -222,25 +302,38 @@ def _figures(config, workdir: str, run_dirs: dict, results: dict) -> dict:
     return figures
 
 
+def _table(summary) -> str:
+    attributes = summary["probe_attributes"]
+    rows = []
+    for name, m in summary["methods"].items():
+        cells = [f"{m['top1'][a]:.1%}" + (" †" if a in m["best_lr_at_grid_end"] else "")
+                 for a in attributes]
+        rows.append((name, m["data"] or "-", *cells, f"**{m['mean']:.1%}**"))
+    return markdown_table(["method", "data", *attributes, "mean"], rows)
+
+
 def _write_report(workdir, config, summary, sheet, figures) -> None:
-    rows = [(name, f"{r['best_top1']:.1%}", r["best_lr"]) for name, r in summary["probe"].items()]
-    classes = len(toy_world.ATTRIBUTE_VALUES[config.probe_attribute])
-    probe_figures = "\n\n".join(f"![{key}]({os.path.basename(path)})"
-                                  for key, path in figures.items() if key.startswith("probe "))
-    throughput = figures.get("generation throughput")
+    classes = ", ".join(f"{a} {len(toy_world.ATTRIBUTE_VALUES[a])}"
+                        for a in summary["probe_attributes"])
     views = " / ".join(str(v) for v in summary["views_per_step"].values())
+    throughput = figures.get("generation throughput")
     text = f"""# StableRep demo
 
-Generator: `{config.generator}`; {config.num_captions} captions x {config.images_per_caption} images
-at {config.stored_size}px; {config.train.total_steps} training steps of {views} views (crops) each
-for {" and ".join(summary["views_per_step"])}. Probe: classify held-out renders by
-**{config.probe_attribute}** ({classes} classes, chance {1.0 / classes:.1%}) with a linear
-classifier on frozen CLS features ({config.probe.mode}; {config.probe.epochs} epochs, the best
-over {len(config.probe.base_lrs)} base lrs). Wall time {summary['seconds']} s.
+{config.num_captions} captions. Real: 1 image per caption; synthetic: {config.images_per_caption}
+per caption from the `{config.generator}` generator; {config.stored_size}px. Each method trains
+{config.train.total_steps} steps of {views} views (crops) each
+({", ".join(summary["views_per_step"])}). Probe: a linear classifier on frozen CLS features of
+{config.probe_train_images} held-out renders of random captions, tested on
+{config.probe_test_images} more, per attribute (classes: {classes}); {config.probe.mode},
+{config.probe.epochs} epochs, the best over {len(config.probe.base_lrs)} base lrs
+({min(config.probe.base_lrs):g}-{max(config.probe.base_lrs):g}) and over epochs. † marks a
+best lr at an end of that grid. Wall time {summary['seconds']} s.
 
-{markdown_table(["encoder", "probe top-1", "best lr"], rows)}
+{_table(summary)}
 
-## Samples (a row per caption)
+One seed; `python benchmarks/demo_study.py` runs several seeds and a training-lr grid.
+
+## Real vs synthetic images of the same captions
 
 ![contact sheet]({os.path.basename(sheet)})
 
@@ -250,7 +343,7 @@ over {len(config.probe.base_lrs)} base lrs). Wall time {summary['seconds']} s.
 
 ## Linear probe: test top-1 per base learning rate
 
-{probe_figures}
+![probe]({os.path.basename(figures["probe"])})
 """
     if throughput:
         text += f"""
@@ -262,9 +355,12 @@ over {len(config.probe.base_lrs)} base lrs). Wall time {summary['seconds']} s.
 
 
 def _print_table(summary) -> None:
-    print(f"\nLinear probe on held-out renders ({summary['probe_attribute']}):")
-    for name, r in summary["probe"].items():
-        print(f"  {name:12s} top-1 {r['best_top1']:6.1%}   (best lr {r['best_lr']})")
+    attributes = summary["probe_attributes"]
+    print("\nLinear probe on held-out renders, top-1 per attribute:")
+    print(f"  {'method':22s} " + " ".join(f"{a:>10s}" for a in attributes) + f" {'mean':>8s}")
+    for name, m in summary["methods"].items():
+        print(f"  {name:22s} " + " ".join(f"{m['top1'][a]:10.1%}" for a in attributes)
+              + f" {m['mean']:8.1%}")
     print(f"done in {summary['seconds']} s; see report.md and demo_results.json")
 
 

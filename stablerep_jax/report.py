@@ -123,6 +123,47 @@ def plot_probe_accuracy(path: str, results: Mapping, title: str = "linear probe"
     return write_png(path, probe_accuracy_figure(results, title, size, path))
 
 
+def _best_over_epochs(results: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    """(base lrs sorted, best top-1 (%) over the evaluated epochs at each) of a sweep's grid."""
+    grid = results["grid"]
+    base_lrs = np.asarray(grid["base_lrs"], np.float64)
+    top1 = 100.0 * np.asarray(grid["top1"], np.float64).reshape(len(grid["epochs"]), len(base_lrs))
+    order = np.argsort(base_lrs)
+    return base_lrs[order], np.nanmax(top1, axis=0)[order]
+
+
+def probe_attributes_figure(results: Mapping[str, Mapping[str, Mapping]],
+                            title: str = "linear probe per attribute", size=(1200, 330),
+                            path: str = "<figure>") -> Figure:
+    """One panel per probed attribute, one line per encoder: the best test top-1 (%) over
+    epochs against the base lr (log x). `results[encoder][attribute]` is a sweep's results
+    (with its `grid`), as `linear_probe.probe_cached` returns. A best lr at an end of the grid
+    shows as a line still rising at the edge: the sweep did not bracket it."""
+    encoders = list(results)
+    attributes = list(results[encoders[0]]) if encoders else []
+    if not attributes or any(list(results[e]) != attributes for e in encoders):
+        raise ValueError(f"probe_attributes_figure({path!r}): every encoder needs results for the "
+                         f"same attributes; got {({e: list(r) for e, r in results.items()})}")
+    fig, axes = _figure(size, ncols=len(attributes))
+    for ax, attribute in zip(axes, attributes):
+        for encoder in encoders:
+            lrs, best = _best_over_epochs(results[encoder][attribute])
+            ax.plot(lrs, best, marker=".", linewidth=1.5, label=encoder)
+        ax.set_xscale("log")
+        ax.set(title=attribute, xlabel="base lr")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("test top-1 (%)")
+    axes[-1].legend(fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
+def plot_probe_attributes(path: str, results: Mapping[str, Mapping[str, Mapping]],
+                          title: str = "linear probe per attribute", size=(1200, 330)) -> str:
+    """Writes `probe_attributes_figure` as a PNG; returns `path`."""
+    return write_png(path, probe_attributes_figure(results, title, size, path))
+
+
 # --------------------------------------------------------------------------------------------
 # Generation throughput
 
