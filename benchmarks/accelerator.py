@@ -392,7 +392,8 @@ def summarize(args, records: list[Record], pre: dict) -> dict:
                 published_peak_flops=peak_pub, published_peak_source=peak_source,
                 xla_memory_analysis_peak_bytes=xla_peak, rows=rows,
                 parts=[dict(name=r.name, status=r.status, detail=r.detail,
-                            wall_s=round(r.wall_s, 1), log=r.log) for r in records])
+                            wall_s=round(r.wall_s, 1), log=r.log) for r in records],
+                results={r.name: r.result for r in records if r.result})   # self-contained
 
 
 def summary_markdown(summary: dict, logs: dict[str, str]) -> str:

@@ -240,6 +240,7 @@ def test_accelerator_run_writes_every_part_and_a_summary(tmp_path):
     assert rows["generation"]["images_per_s"] == sizing["generation"]["images_per_s"] > 0
     memory = json.loads((out / "memory.json").read_text())
     assert summary["xla_memory_analysis_peak_bytes"] == memory["rows"][0]["peak"] > 0
+    assert summary["results"]["sizing"] == sizing            # summary.json alone holds all
     assert "| training, attention=einsum |" in (out / "summary.md").read_text()
 
 
