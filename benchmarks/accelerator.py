@@ -26,7 +26,7 @@ every part's wall time lands in summary.json, so the first run replaces these gu
                     pipeline on the same latents                                          ~120 s
 
 Every part's output (its log, and its JSON where it writes one) goes under the results folder
-(`--out`, else $OUT, else accelerator_results/TIMESTAMP), then summary.json and summary.md, whose
+(`--out`, else $OUT, else outputs/accelerator/TIMESTAMP), then summary.json and summary.md, whose
 table is printed last: images/s per chip, utilisation of the measured matmul peak and of the
 published peak, bytes in use. Parts that do not fit the budget are listed as not run. The driver
 itself never imports JAX, so it never holds the accelerator. Exit status 1 when a part failed or
@@ -114,7 +114,7 @@ def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU (the test)")
     p.add_argument("--out", default="", help="results folder (default: $OUT, else "
-                   "accelerator_results/TIMESTAMP); local path or gfile URL")
+                   "outputs/accelerator/TIMESTAMP); local path or gfile URL")
     p.add_argument("--budget_s", type=float, default=540.0,
                    help="wall-clock budget of all parts together, seconds")
     p.add_argument("--published_peak_tflops", type=float, default=0.0,
@@ -430,7 +430,7 @@ def results_dir(args) -> str:
         return args.out
     if os.environ.get("OUT"):
         return os.environ["OUT"]
-    return os.path.join("accelerator_results", time.strftime("%Y%m%d-%H%M%S"))
+    return os.path.join("outputs", "accelerator", time.strftime("%Y%m%d-%H%M%S"))
 
 
 def _read_json(path: str) -> dict | None:
