@@ -98,7 +98,8 @@ class Seed:
         if fileio.exists(path):
             return fileio.read_json(path)
         row = demo.method_row(demo.probe_encoder(self.config, checkpoint_dir, self.images,
-                                                 self.mesh), self.config.probe.base_lrs)
+                                                 self.mesh), self.config.probe.base_lrs,
+                              self.config.mean_over)
         fileio.write_json_atomic(path, row)
         return row
 
@@ -147,7 +148,7 @@ def best_blr(per_seed: dict, seeds, blrs) -> float:
     return max(blrs, key=lambda b: (means[b], -blrs.index(b)))
 
 
-def analyse(rows: dict, args) -> dict:
+def analyse(rows: dict, args, mean_over) -> dict:
     """Each method at its best blr, with the per-seed values, the grid and the verdict."""
     tune = args.tune_seeds if args.tune_seeds else args.seeds
     table = {}
@@ -159,6 +160,7 @@ def analyse(rows: dict, args) -> dict:
         table[name] = {
             "best_blr": best, "seeds": list(args.seeds),
             "mean": [r["mean"] for r in chosen],
+            "mean_all": [r["mean_all"] for r in chosen],
             "attributes": {a: [r["top1"][a] for r in chosen] for a in attributes},
             "grid": {} if random_init else {
                 f"{b:g}": [per_seed[s][b]["mean"] for s in tune] for b in args.blrs},
@@ -172,7 +174,8 @@ def analyse(rows: dict, args) -> dict:
                 for b in BASELINES}
         verdict = {"margin": args.margin, "gaps_points": gaps,
                    "met": all(g >= args.margin for gs in gaps.values() for g in gs)}
-    return {"attributes": attributes, "tune_seeds": list(tune), "methods": table,
+    return {"attributes": attributes, "mean_over": list(mean_over), "tune_seeds": list(tune),
+            "methods": table,
             "verdict": verdict}
 
 
@@ -189,6 +192,10 @@ def report(study: dict) -> str:
         blr = "-" if m["best_blr"] is None else f"{m['best_blr']:g}"
         lines.append(f"{method:22s} {blr:>8s}   {_pct(m['mean']):25s} "
                      + " ".join(f"{100 * v:5.1f}" for v in m["mean"]) + flag)
+    lines.append(f"(mean: over {', '.join(study['mean_over'])}; over all probed attributes:)")
+    for method, m in study["methods"].items():
+        lines.append(f"{method:22s} {'':8s}   {_pct(m['mean_all']):25s} "
+                     + " ".join(f"{100 * v:5.1f}" for v in m["mean_all"]))
     lines.append("")
     lines.append("per attribute at each method's best blr (mean [range] over seeds):")
     attributes = study["attributes"]
@@ -220,7 +227,7 @@ def report(study: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.time()
-    study = analyse(run_study(args), args)
+    study = analyse(run_study(args), args, demo_config(args, args.seeds[0]).mean_over)
     study["args"] = {"preset": args.preset, "seeds": args.seeds, "blrs": args.blrs,
                      "tune_seeds": args.tune_seeds, "set": args.set}
     study["seconds"] = round(time.time() - start, 1)

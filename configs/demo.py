@@ -65,11 +65,11 @@ def train_config(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
     """The StableRep run: the `tiny` preset at the demo's sizes."""
     t = _job_config("stablerep.py:tiny")
     t.seed = c.get_ref("seed").identity()
-    t.batch_size = 32                   # captions per step (x data.n_img images)
+    t.batch_size = 16                   # captions per step (x data.n_img images)
     t.total_steps = 300
     t.checkpoint_every = t.get_ref("total_steps").identity()
     t.log_every = 5
-    t.data.n_img, t.data.num_crop = 2, 1
+    t.data.n_img, t.data.num_crop = 4, 1   # all K renders of each caption: 4 positives
     t.model.image_size = 48             # crop side fed to the ViT (data.image_size follows)
     t.data.min_crop_scale = 0.3         # tiny objects vanish in 8% crops of 64px images
     t.model.variant = "tiny"            # ViT width 192, with the depth below
@@ -81,7 +81,7 @@ def train_config(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
     t.optim.lr = 0.0
     t.optim.warmup_steps = t.get_ref("total_steps") // 10
     if preset == "test":
-        t.batch_size = 16
+        t.batch_size = 8
         t.total_steps = 40
         t.model.image_size = 32
         t.model.depth = 2
@@ -180,6 +180,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
 
     # The probe: held-out renders of random captions, one linear probe per attribute.
     c.probe_attributes = ("shape", "color", "count", "size", "background")
+    # The headline mean: the object's attributes (what it is), not the background texture,
+    # which instance discrimination (SimCLR) picks up from crops of one image by design.
+    c.mean_over = ("shape", "color", "count", "size")
     c.probe_train_images = 200 if preset == "test" else 600
     c.probe_test_images = 200 if preset == "test" else 600
     c.probe = probe_config(c, preset)

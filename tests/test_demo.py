@@ -80,8 +80,11 @@ def test_a_best_probe_lr_at_an_end_of_the_grid_is_flagged():
     results = {"shape": {"best_top1": 0.5, "best_lr": 0.001},
                "color": {"best_top1": 0.7, "best_lr": 0.3},
                "count": {"best_top1": 0.6, "best_lr": 100.0}}
-    row = demo.method_row(results, (0.001, 0.3, 100.0))
-    assert row["mean"] == pytest.approx(0.6)
+    row = demo.method_row(results, (0.001, 0.3, 100.0), ("shape", "color"))
+    assert row["mean"] == pytest.approx(0.6) and row["mean_all"] == pytest.approx(0.6)
+    assert demo.method_row(results, (0.001, 100.0), ("count",))["mean"] == 0.6
+    with pytest.raises(ValueError, match=r"mean_over names \['size'\]"):
+        demo.method_row(results, (0.001, 100.0), ("size",))
     assert row["best_lr_at_grid_end"] == ["shape", "count"]
     assert row["top1"] == {"shape": 0.5, "color": 0.7, "count": 0.6}
 
@@ -158,7 +161,9 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
             assert result["best_top1"] == row["top1"][attribute], (name, attribute)
             assert result["num_classes"] == len(demo.toy_world.ATTRIBUTE_VALUES[attribute])
             assert result["num_test"] == config.probe_test_images
-        assert row["mean"] == pytest.approx(sum(row["top1"].values()) / len(attributes))
+        assert row["mean_all"] == pytest.approx(sum(row["top1"].values()) / len(attributes))
+        assert row["mean"] == pytest.approx(
+            sum(row["top1"][a] for a in config.mean_over) / len(config.mean_over))
     assert [saved["methods"][n]["data"] for n in names.values()] == [
         "synthetic", "synthetic", "real", None]
     # Different encoders: their features (hence probe accuracies) differ.
@@ -167,6 +172,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert saved["probe_top1_random"] == saved["methods"]["random init"]["mean"]
     assert saved["views_per_step"] == {"StableRep (synthetic)": 32, "SimCLR (synthetic)": 32,
                                        "SimCLR (real)": 32}
+    assert saved["mean_over"] == ["shape", "color", "count", "size"]
 
     # The data: the same captions, K synthetic images each and one real image each.
     manifests = {name: demo.records.read_manifest(str(out / "data" / name))
@@ -184,7 +190,8 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
                            "generation_throughput.png"}
     assert set(saved["figures"].values()) == set(linked) - {"contact_sheet.png"}
     for name, row in saved["methods"].items():
-        assert re.search(rf"\| {re.escape(name)} \|.*\| \*\*{row['mean']:.1%}\*\* \|", report)
+        assert re.search(rf"\| {re.escape(name)} \|.*\| \*\*{row['mean']:.1%}\*\* \| "
+                         rf"{row['mean_all']:.1%} \|", report)
     runs = json.loads((out / "data" / "synthetic" / "summary.json").read_text())["runs"]
     assert [r["images"] for r in runs] == [config.num_captions * config.images_per_caption]
 
