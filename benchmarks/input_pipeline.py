@@ -218,7 +218,8 @@ def main():
     host_share = rate[names[0]][0]
     both = 1.0 / (1.0 / host_share + device["cpu_s_per_image"])
     train_flops = 3 * VIT_B16_FORWARD_FLOPS
-    print(f"device colour stage (jitter, grayscale, blur, normalise; jitted, float32): "
+    what = "jitter, grayscale, blur, normalise" if args.recipe == "strong" else "normalise"
+    print(f"device stage ({what}; jitted, float32): "
           f"{device['flops_per_image'] / 1e6:.1f} MFLOP per image (XLA cost analysis) = "
           f"{100 * device['flops_per_image'] / train_flops:.3f}% of a ViT-B/16 training step's "
           f"{train_flops / 1e9:.1f} GFLOP per image; {device['bytes_per_image'] / 1e6:.1f} MB "
