@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"     # compute dtype; params stay float32
     c.model.remat = False          # recompute each transformer block in the backward pass:
                                    # less memory for ~1/3 more FLOPs (benchmarks/memory.py)
+    c.model.attention = "einsum"   # ViT attention: einsum, dot_product (jax.nn's) or cudnn
+                                   # (fused; NVIDIA GPUs, bf16). einsum until
+                                   # benchmarks/accelerator.py measures another one faster
     c.model.add_language = False   # StableRep++
     c.model.text_width = 512
     c.model.text_depth = 12

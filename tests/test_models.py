@@ -124,6 +124,23 @@ def test_attention_choice_reaches_every_block(monkeypatch, attention, calls, imp
     assert seen == [implementation] * calls
 
 
+def test_build_model_passes_model_attention_to_the_vit(monkeypatch):
+    real, seen = jax.nn.dot_product_attention, []
+
+    def spy(*args, implementation=None, **kwargs):
+        seen.append(implementation)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    images = jnp.zeros((2, 2, 32, 32, 3))
+
+    def trace(model):
+        jax.eval_shape(lambda key: model.init(key, images, train=False), jax.random.PRNGKey(0))
+    trace(build_model(tiny_model_config()))
+    assert seen == []                                   # einsum by default
+    trace(build_model(tiny_model_config(attention="dot_product")))
+    assert seen == [None, None]                         # every block of the 2-block ViT
+
+
 def test_attention_rejects_unknown_names_and_cudnn_without_bfloat16():
     images = jnp.zeros((1, 16, 16, 3))
     with pytest.raises(ValueError, match="model.attention='flash'; choose one of einsum"):

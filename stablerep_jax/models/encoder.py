@@ -53,10 +53,12 @@ class StableRepModel(nn.Module):
     logit_scale_init: float = 1.0 / 0.07
     dtype: Any = jnp.float32
     remat: bool = False      # rematerialise every transformer block (image and text towers)
+    attention: str = "einsum"   # the ViT's attention kernel (vit.ATTENTION_IMPLEMENTATIONS)
 
     def setup(self):
         self.visual = VisionTransformer(self.width, self.depth, self.num_heads, self.patch_size,
-                                        self.image_size, dtype=self.dtype, remat=self.remat)
+                                        self.image_size, dtype=self.dtype, remat=self.remat,
+                                        attention=self.attention)
         self.image_mlp = ProjectionHead(self.mlp_dim, self.emb_dim, self.dtype)
         if not self.add_language:
             return
@@ -158,4 +160,5 @@ def build_model(model_config: Mapping) -> StableRepModel:
         text_heads=int(language["text_heads"]), context_length=int(language["context_length"]),
         vocab_size=int(language["vocab_size"]), vl_projection=str(language["vl_projection"]),
         embed_dim=int(language["embed_dim"]), logit_scale_init=float(language["logit_scale_init"]),
-        dtype=DTYPES[dtype_name], remat=bool(_get(model_config, "remat", False)))
+        dtype=DTYPES[dtype_name], remat=bool(_get(model_config, "remat", False)),
+        attention=str(_get(model_config, "attention", "einsum")))
