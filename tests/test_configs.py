@@ -168,8 +168,9 @@ _PRINT_JOB = ("from stablerep_jax import cli; "
               "'BN', c.data.downsample, 'TEXT', c.model.add_language))")
 
 
-def _run_cli(*args):
-    return subprocess.run([sys.executable, "-c", _PRINT_JOB, *args], cwd=REPO,
+def _run_cli(*args, job=_PRINT_JOB):
+    """`job` (python -c source running cli.run) with command-line `args`."""
+    return subprocess.run([sys.executable, "-c", job, *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -208,22 +209,17 @@ _IMAGE_SIZE_JOB = ("from stablerep_jax import cli, train; "
                    "augment.AugmentSpec.from_config(c.data).size))")
 
 
-def _run_image_size_job(*args):
-    return subprocess.run([sys.executable, "-c", _IMAGE_SIZE_JOB, *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_one_image_size_override_sets_the_model_and_the_crop():
     """--config.model.image_size reaches the ViT and the input pipeline's crop size."""
-    result = _run_image_size_job("--config=configs/stablerep.py:tiny",
-                                 "--config.model.image_size=48")
+    result = _run_cli("--config=configs/stablerep.py:tiny", "--config.model.image_size=48",
+                      job=_IMAGE_SIZE_JOB)
     assert result.returncode == 0, result.stderr
     assert "SIZES 48 48" in result.stdout
 
 
 def test_setting_the_old_data_image_size_names_the_new_key():
-    result = _run_image_size_job("--config=configs/stablerep.py:tiny",
-                                 "--config.data.image_size=48")
+    result = _run_cli("--config=configs/stablerep.py:tiny", "--config.data.image_size=48",
+                      job=_IMAGE_SIZE_JOB)
     assert result.returncode != 0
     assert "moved to model.image_size" in result.stderr
     assert "--config.model.image_size=48" in result.stderr
