@@ -26,6 +26,9 @@ PROCESS_COUNT = "process_count"    # hosts: each reads its own slice of the file
 # Keys that moved (old name -> new name). A run saved before a move is read as if written with
 # the new name, so resuming it across the move compares like with like.
 MOVED_KEYS = {"data.image_size": "model.image_size"}
+# Keys added later (name -> the value that does what runs saved before them did). A saved
+# config without one is read as holding that value, so adding a key breaks no resume.
+ADDED_KEYS = {"model.attention": "einsum", "data.augment_on_device": True}
 
 META_TRAIN_CONFIG = "train_config"
 META_DATA_FILES = "data_files"
@@ -84,19 +87,23 @@ def _missing(value) -> str:
 _ABSENT = object()
 
 
-def _with_moved_keys(flat: dict) -> dict:
-    """A saved config's leaves with each `MOVED_KEYS` entry also under its new name."""
+def _as_of_today(flat: dict) -> dict:
+    """A saved config's leaves in today's layout: each `MOVED_KEYS` entry also under its new
+    name, each missing `ADDED_KEYS` entry with the value that did what the run did."""
     out = dict(flat)
     for old_key, new_key in MOVED_KEYS.items():
         if new_key not in out and old_key in out:
             out[new_key] = out[old_key]
+    for key, value in ADDED_KEYS.items():
+        out.setdefault(key, value)
     return out
 
 
 def config_changes(saved_json: str, new_json: str) -> list[tuple[str, object, object]]:
     """(key, old, new) for every leaf that differs, except `SAFE_TO_CHANGE`; a saved config
-    from before a key moved (`MOVED_KEYS`) is compared under the new name."""
-    old = _with_moved_keys(_flatten(json.loads(saved_json)))
+    from before a key moved or was added (`MOVED_KEYS`, `ADDED_KEYS`) is read in today's
+    layout."""
+    old = _as_of_today(_flatten(json.loads(saved_json)))
     new = _flatten(json.loads(new_json))
     changes = []
     for key in sorted(set(old) | set(new)):

@@ -1,5 +1,6 @@
 """Training: multi-device equivalence, sharded optimizer state, exact resume, preemption, NaN
 guard, learning on a tiny problem, StableRep++ mode."""
+import json
 import os
 import shutil
 import signal
@@ -490,7 +491,6 @@ def test_metric_writer_on_a_url(ram_dir):
 
 def _before_the_image_size_move(config) -> str:
     """`config`'s JSON as runs saved it before image_size moved into the model config."""
-    import json
     saved = json.loads(config.to_json_best_effort())
     del saved["model"]["image_size"]
     return json.dumps(saved)
@@ -505,3 +505,16 @@ def test_a_run_saved_before_image_size_moved_resumes_with_the_same_size():
         resume.check_resume(saved, bigger.to_json_best_effort(), [["a.tfrecord", 8]], 1)
     assert "model.image_size: 32 -> 48" in str(error.value)
     assert "<absent>" not in str(error.value)
+
+
+def test_a_run_saved_before_a_key_was_added_resumes_when_it_keeps_the_old_behaviour():
+    """Keys added later (`resume.ADDED_KEYS`) read as their old behaviour in a saved config:
+    resuming with that value is no change; another value is named as a change from it."""
+    config = tiny_config("d/*.tfrecord")
+    saved = json.loads(config.to_json_best_effort())
+    del saved["model"]["attention"], saved["data"]["augment_on_device"]
+    identity = resume.run_identity(json.dumps(saved), [["a.tfrecord", 8]], 1)
+    resume.check_resume(identity, config.to_json_best_effort(), [["a.tfrecord", 8]], 1)
+    host = tiny_config("d/*.tfrecord", **{"data.augment_on_device": False})
+    with pytest.raises(resume.ResumeMismatch, match="data.augment_on_device: true -> false"):
+        resume.check_resume(identity, host.to_json_best_effort(), [["a.tfrecord", 8]], 1)
