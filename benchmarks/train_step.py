@@ -8,6 +8,12 @@ peak (best of a few large jitted matmuls), i.e. a model-FLOPs utilisation.
 
 Prints one table; nothing is asserted. On a GPU/TPU the JAX side runs on the accelerator; the
 PyTorch side runs on CUDA when available, otherwise on the CPU.
+
+The JAX step gets the batch the input pipeline hands to `train` (`memory.abstract_batch`): with
+`data.augment_on_device` (the config's default; `--augment_on_device false` to change it) uint8
+views plus their colour parameters, so its time and FLOPs include the colour stage (jitter,
+grayscale, blur, normalisation) that runs inside the step. The PyTorch side gets the same views
+as float input without that stage (the reference runs it in its data-loader workers).
 """
 from __future__ import annotations
 
@@ -31,8 +37,11 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))    # benchmarks/ (memory.py)
 
+import memory  # noqa: E402  (benchmarks/memory.py: the batch as the pipeline yields it)
 from stablerep_jax import config_utils, optim, parallel, train  # noqa: E402
+from stablerep_jax.data import augment  # noqa: E402
 
 
 def parse_args():
@@ -46,6 +55,7 @@ def parse_args():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--skip_torch", action="store_true")
+    memory.add_augment_on_device_flag(p)
     return p.parse_args()
 
 
@@ -58,16 +68,57 @@ def make_config(args):
     config.model.mlp_dim = args.mlp_dim
     config.model.emb_dim = args.emb_dim
     config.model.dtype = args.dtype
+    config.data.image_dtype = args.dtype     # the model's input, as memory.py sets it
     config.optim.warmup_steps = 1
+    memory.set_augment_on_device(config, getattr(args, "augment_on_device", None))
     return config
 
 
 def random_batch(config) -> dict:
-    """A fixed random global batch of `batch_size` captions x `n_img` views."""
+    """A fixed random global batch with `memory.abstract_batch`'s shapes and dtypes: random
+    pixels (uint8, or normal in data.image_dtype for finished views), colour parameters drawn as
+    `augment.ViewDraws` draws them, labels 0..B-1, random tokens."""
     rng = np.random.default_rng(0)
-    size, views = config.model.image_size, config.data.n_img
-    return {"images": rng.normal(size=(config.batch_size, views, size, size, 3)).astype(np.float32),
-            "labels": np.arange(config.batch_size, dtype=np.int32)}
+    batch = {}
+    for name, spec in memory.abstract_batch(config).items():
+        if name == "images" and spec.dtype == np.uint8:
+            batch[name] = rng.integers(0, 256, spec.shape, dtype=np.uint8)
+        elif name == "images":
+            batch[name] = rng.normal(size=spec.shape).astype(spec.dtype)
+        elif name == augment.PARAMS_KEY:
+            batch[name] = random_view_params(rng, spec.shape[:-1])
+        elif name == "labels":
+            batch[name] = np.arange(spec.shape[0], dtype=np.int32)
+        else:
+            batch[name] = rng.integers(0, config.model.vocab_size, spec.shape, dtype=np.int32)
+    return batch
+
+
+def random_view_params(rng, shape) -> np.ndarray:
+    """Colour-stage parameters [*shape, NUM_PARAMS] with the strong recipe's probabilities and
+    ranges (layout `augment.P_*`), so the step computes what a real batch makes it compute."""
+    out = np.zeros(tuple(shape) + (augment.NUM_PARAMS,), np.float32)
+    n = int(np.prod(shape))
+    flat = out.reshape(n, augment.NUM_PARAMS)
+    b, c, s, h = augment.JITTER
+    flat[:, augment.P_JITTER] = rng.random(n) < augment.JITTER_PROB
+    flat[:, augment.P_ORDER] = np.argsort(rng.random((n, 4)), axis=1)
+    low, high = np.array([1 - b, 1 - c, 1 - s, -h]), np.array([1 + b, 1 + c, 1 + s, h])
+    flat[:, augment.P_FACTORS] = rng.uniform(low, high, (n, 4))
+    flat[:, augment.P_GRAY] = rng.random(n) < augment.GRAYSCALE_PROB
+    flat[:, augment.P_BLUR] = rng.random(n) < augment.BLUR_PROB
+    flat[:, augment.P_SIGMA] = rng.uniform(*augment.BLUR_SIGMA, n)
+    return out
+
+
+def torch_images(batch: dict) -> np.ndarray:
+    """The PyTorch side's float32 input: finished views as they are, uint8 views scaled to
+    [0, 1] and normalised with ImageNet's mean/std (no colour stage)."""
+    images = batch["images"]
+    if images.dtype != np.uint8:
+        return images.astype(np.float32)
+    mean, std = np.array(augment.IMAGENET_MEAN), np.array(augment.IMAGENET_STD)
+    return ((images / 255.0 - mean) / std).astype(np.float32)
 
 
 def time_steps(run_step, steps: int) -> float:
@@ -130,7 +181,7 @@ def bench_torch(config, batch):
                                           config.model.emb_dim).to(device).train()
     opt = torch.optim.AdamW(torch_reference.adamw_param_groups(model, config.optim.weight_decay),
                             lr=optim.peak_learning_rate(config), betas=(config.optim.b1, config.optim.b2))
-    images = torch.tensor(batch["images"]).permute(0, 1, 4, 2, 3).contiguous().to(device)
+    images = torch.tensor(torch_images(batch)).permute(0, 1, 4, 2, 3).contiguous().to(device)
     labels = torch.tensor(batch["labels"]).long().repeat(config.data.n_img).to(device)
     autocast = config.model.dtype == "bfloat16"
 
@@ -155,7 +206,8 @@ def main():
     device = jax.devices()[0]
     print(f"device: {device.platform} ({device.device_kind}) x {jax.device_count()}; "
           f"ViT-{config.model.variant}/16 {size}px, {config.batch_size} captions x {views} views "
-          f"= {images_per_step} images/step, dtype {config.model.dtype}")
+          f"= {images_per_step} images/step, dtype {config.model.dtype}; colour stage "
+          f"{'in the JAX step' if augment.PARAMS_KEY in batch else 'not timed (host)'}")
 
     jax_time, flops = bench_jax(config, batch, ARGS.steps)
     peak = matmul_peak_flops(jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32)
