@@ -13,7 +13,11 @@ every part's wall time lands in summary.json, so the first run replaces these gu
   attention:NAME    the train step (ViT-B/16, bf16, the paper's 43 captions x 6 views per chip)
                     with model.attention = einsum, dot_product and (NVIDIA GPUs) cudnn:
                     images/s, XLA FLOPs, utilisation of the measured and published bf16 peaks,
-                    device bytes in use; the ratio of each to einsum                  ~60 s each
+                    device bytes in use; the ratio of each to einsum. The step takes uint8
+                    views + colour parameters and runs the colour stage itself, as in
+                    training; einsum's part also times that stage alone
+                    (`device_augment.finish_views` on the step's 258 views): ms per image
+                                                                                      ~60 s each
   train_step        benchmarks/train_step.py --variant base --dtype bfloat16 at 43 x 6, against
                     PyTorch eager when torch sees a CUDA GPU (skipped otherwise: without PyTorch
                     it would repeat attention:einsum)                                      ~90 s
@@ -183,7 +187,8 @@ def attention_part(sizes: Sizes, attention: str) -> dict:
     from stablerep_jax.models import encoder
     config = bench.make_config(argparse.Namespace(
         captions=sizes.captions, views=sizes.views, image_size=sizes.image_size,
-        variant=sizes.variant, mlp_dim=sizes.mlp_dim, emb_dim=sizes.emb_dim, dtype=sizes.dtype))
+        variant=sizes.variant, mlp_dim=sizes.mlp_dim, emb_dim=sizes.emb_dim, dtype=sizes.dtype,
+        augment_on_device=None))                     # the config's default, as training
     config.model.depth = sizes.depth
     config.model.patch_size = sizes.patch_size
     if "attention" in config.model:
@@ -200,11 +205,39 @@ def attention_part(sizes: Sizes, attention: str) -> dict:
     memory = _memory_stats(device)   # before the matmul peak allocates its own buffers
     peak = bench.matmul_peak_flops(jnp.dtype(sizes.dtype).type)
     images = sizes.captions * sizes.views
-    return dict(attention=attention, images_per_step=images, seconds_per_step=seconds,
-                images_per_s=images / seconds, flops_per_step=flops,
-                flops_per_image=flops / images, matmul_peak_flops=peak,
-                utilisation_measured=flops / seconds / peak, memory=memory,
-                settings=dataclasses.asdict(sizes))
+    result = dict(attention=attention, images_per_step=images, seconds_per_step=seconds,
+                  images_per_s=images / seconds, flops_per_step=flops,
+                  flops_per_image=flops / images, matmul_peak_flops=peak,
+                  utilisation_measured=flops / seconds / peak, memory=memory,
+                  augment_on_device=bool(config.data.augment_on_device),
+                  settings=dataclasses.asdict(sizes))
+    if attention == "einsum":          # the same for every attention kind: timed once
+        result["colour_stage"] = colour_stage_timing(sizes, device)
+    return result
+
+
+def colour_stage_timing(sizes: Sizes, device) -> dict:
+    """The strong recipe's device colour stage alone (`device_augment.finish_views`, jitted) on
+    one step's views (captions x views uint8 images, on `device` before timing): median
+    seconds per call over `sizes.steps` calls after two warm-ups, ms per image, XLA FLOPs."""
+    import functools
+
+    import jax
+    import numpy as np
+
+    import train_step as bench
+    from stablerep_jax import train
+    from stablerep_jax.data import augment, device_augment
+    n, size = sizes.captions * sizes.views, sizes.image_size
+    rng = np.random.default_rng(0)
+    images = jax.device_put(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), device)
+    params = jax.device_put(bench.random_view_params(rng, (n,)), device)
+    spec = augment.AugmentSpec(size=size, recipe="strong", dtype=sizes.dtype)
+    finish = jax.jit(functools.partial(device_augment.finish_views, spec=spec))
+    flops = train.compiled_flops(finish.lower(images, params).compile())
+    seconds = bench.time_steps(lambda: finish(images, params).block_until_ready(), sizes.steps)
+    return dict(images=n, image_size=size, dtype=sizes.dtype, seconds_per_call=seconds,
+                ms_per_image=seconds / n * 1e3, flops_per_image=flops / n)
 
 
 def sd_model_part(sizes: Sizes, directory: str) -> dict:
@@ -388,9 +421,13 @@ def summarize(args, records: list[Record], pre: dict) -> dict:
     xla_peak = None
     if memory and memory.status == "ok" and memory.result and memory.result["rows"]:
         xla_peak = memory.result["rows"][0].get("peak")
+    colour = (einsum or {}).get("colour_stage")
+    if colour and einsum:      # its share of the step it is part of
+        colour = dict(colour, share_of_step=colour["ms_per_image"] / 1e3
+                      * einsum["images_per_s"])
     return dict(device_kind=kind, platform=pre.get("platform"), jax=pre.get("jax"),
                 published_peak_flops=peak_pub, published_peak_source=peak_source,
-                xla_memory_analysis_peak_bytes=xla_peak, rows=rows,
+                xla_memory_analysis_peak_bytes=xla_peak, colour_stage=colour, rows=rows,
                 parts=[dict(name=r.name, status=r.status, detail=r.detail,
                             wall_s=round(r.wall_s, 1), log=r.log) for r in records],
                 results={r.name: r.result for r in records if r.result})   # self-contained
@@ -418,6 +455,14 @@ def summary_markdown(summary: dict, logs: dict[str, str]) -> str:
     if s["xla_memory_analysis_peak_bytes"]:
         lines.append(f"\nXLA memory analysis of the train step, per device: "
                      f"{s['xla_memory_analysis_peak_bytes'] / GIB:.2f} GiB at the peak")
+    colour = s.get("colour_stage")
+    if colour:
+        lines.append(f"\nColour stage on the device (device_augment.finish_views, "
+                     f"{colour['images']} x {colour['image_size']}^2 uint8 views, "
+                     f"{colour['dtype']} out): {colour['ms_per_image']:.3g} ms per image, "
+                     f"{colour['flops_per_image'] / 1e6:,.0f} MFLOP per image (XLA); "
+                     f"{_pct(colour['share_of_step'])} of the einsum train step's time, "
+                     f"which includes it")
     relayed = [f"{name}: {line.strip()}" for name, text in logs.items()
                for line in text.splitlines() if line.startswith(("ratio", "same latents"))]
     if relayed:
