@@ -104,12 +104,21 @@ class Seed:
         return row
 
     def method(self, slug: str, blr: float) -> dict:
-        """Trains (or reuses) one method at one base lr and probes it: demo.method_row."""
+        """Trains (or reuses) one method at one base lr and probes it: demo.method_row, or a
+        row that records the divergence when training stopped on a non-finite state."""
         name = f"{slug}_blr{blr:g}"
         cfg = demo.run_config(self.config, slug, self.globs)
         cfg.optim.blr = blr
         directory = os.path.join(self.root, name)
-        demo.train_run(cfg, f"{demo.RUNS[slug][0]} at base lr {blr:g}", directory, directory)
+        diverged = os.path.join(self.root, "probe", f"{name}.diverged.json")
+        if fileio.exists(diverged):
+            return fileio.read_json(diverged)
+        try:
+            demo.train_run(cfg, f"{demo.RUNS[slug][0]} at base lr {blr:g}", directory, directory)
+        except FloatingPointError as e:       # the train job's guard: nothing non-finite saved
+            row = {"diverged": str(e), "mean": float("nan"), "mean_all": float("nan")}
+            fileio.write_json_atomic(diverged, row)
+            return row
         return self._probe(name, directory)
 
     def random(self) -> dict:
@@ -145,7 +154,8 @@ def best_blr(per_seed: dict, seeds, blrs) -> float:
     """The base lr with the highest mean over `seeds` of the mean-over-attributes top-1 (ties:
     the earlier lr of the grid)."""
     means = {b: np.mean([per_seed[s][b]["mean"] for s in seeds]) for b in blrs}
-    return max(blrs, key=lambda b: (means[b], -blrs.index(b)))
+    return max(blrs, key=lambda b: (-np.inf if np.isnan(means[b]) else means[b],
+                                    -blrs.index(b)))
 
 
 def analyse(rows: dict, args, mean_over) -> dict:
