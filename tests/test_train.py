@@ -212,6 +212,9 @@ def test_nan_loss_stops_with_a_clear_message(train_files, tmp_path, monkeypatch)
 
     _wrap_iterator(monkeypatch, poison_at_4)
     config = tiny_config(train_files, total_steps=10, checkpoint_every=2)
+    # Float views from the host, so that a NaN image reaches the model (the device path's
+    # views are uint8, which cannot hold one).
+    config.data.augment_on_device = False
     with pytest.raises(FloatingPointError, match=r"non-finite loss nan at step 4.*step 2"):
         train.train_and_evaluate(config, str(tmp_path))
     from stablerep_jax import checkpoint
