@@ -31,7 +31,9 @@ setup(
         "tpu": ["jax[tpu]"],
         "cuda12": ["jax[cuda12]"],
         "torch": ["torch>=2.1"],
-        "test": ["pytest>=7", "pytest-timeout", "torch>=2.1", "torchvision", "timm>=0.9",
-                 "skypilot>=0.14"],     # tests load launch/*.yaml with sky.Task
+        # pytest-xdist: the README's test command runs two workers (most tests are bound by
+        # single-threaded compiles); tests load launch/*.yaml with sky.Task.
+        "test": ["pytest>=7", "pytest-timeout", "pytest-xdist", "torch>=2.1", "torchvision",
+                 "timm>=0.9", "skypilot>=0.14"],
     },
 )
