@@ -22,10 +22,12 @@ The jobs' own configs are nested here, built from their config files, so every f
 runs is one override away and nothing is copied by hand:
   train    configs/stablerep.py:tiny with the demo's sizes: the StableRep run
            (--config.train.model.depth=4, --config.train.total_steps=100, ...)
-  simclr   the SimCLR runs (on both data sets): every field follows `train` (an override of
-           train.X changes every run) except its view layout (data.n_img=1, data.num_crop=2) and
+  simclr   SimCLR on the synthetic set: every field follows `train` (an override of train.X
+           changes every run) except its view layout (data.n_img=1, data.num_crop=2),
            batch_size (half of train's views per step in captions, so every run encodes as many
-           views per step, as in the paper); an override of simclr.X changes SimCLR alone
+           views per step, as in the paper) and optim.blr; an override of simclr.X changes SimCLR
+  simclr_real  SimCLR on the real set: follows `simclr` except optim.blr
+Each run's base lr is its best on benchmarks/demo_study.py's grid (`BLR`).
   sd       configs/generate.py:sd15 for generator=sd (model, K, stored size and seed follow the
            demo's fields; captions and output_dir are set by the demo)
   probe    configs/linear_probe.py:folder: its sweep (epochs, base lrs, batch, BN) runs on
@@ -54,7 +56,10 @@ from stablerep_jax.config_utils import load_config, parse_preset
 PRESETS = ("default", "test")
 CONFIGS_DIR = os.path.dirname(os.path.abspath(__file__))
 # SimCLR's own fields; all others follow `train`.
-SIMCLR_OWN = ("batch_size", "data.n_img", "data.num_crop")
+SIMCLR_OWN = ("batch_size", "data.n_img", "data.num_crop", "optim.blr")
+# Each method's training base lr: the best of the grid 1.5e-3, 4.5e-3, 1.35e-2 on seed 0 of
+# `benchmarks/demo_study.py` (the README's study), so no method runs at another's lr.
+BLR = {"train": 1.5e-3, "simclr": 4.5e-3, "simclr_real": 1.35e-2}
 
 
 def _job_config(name: str) -> ml_collections.ConfigDict:
@@ -77,7 +82,7 @@ def train_config(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
     t.model.patch_size = 8
     t.model.mlp_dim = 256
     t.model.emb_dim = 64
-    t.optim.blr = 1.5e-3
+    t.optim.blr = BLR["train"]
     t.optim.lr = 0.0
     t.optim.warmup_steps = t.get_ref("total_steps") // 10
     if preset == "test":
@@ -106,18 +111,25 @@ def _node(config, dotted: str):
     return config, leaf
 
 
-def simclr_config(train: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """SimCLR at StableRep's budget: each field a reference that follows `train` until it is
-    overridden itself, except the view layout and the captions per batch (`SIMCLR_OWN`)."""
+def _following(source: ml_collections.ConfigDict, own=()) -> ml_collections.ConfigDict:
+    """A train config whose every field is a reference that follows `source` until it is
+    overridden itself, except the keys in `own`."""
     s = _job_config("stablerep.py:tiny")
-    for key in _leaf_keys(train):
-        node, leaf = _node(train, key)
-        if key in SIMCLR_OWN or node[leaf] is None:   # placeholders stay unset, as in `train`
+    for key in _leaf_keys(source):
+        node, leaf = _node(source, key)
+        if key in own or node[leaf] is None:   # placeholders stay unset, as in `source`
             continue
         if key == "data.image_size":    # follows s.model.image_size (configs/stablerep.py)
             continue
         target, target_leaf = _node(s, key)
         target[target_leaf] = node.get_ref(leaf).identity()
+    return s
+
+
+def simclr_config(train: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """SimCLR at StableRep's budget: it follows `train` (`_following`) except the view layout,
+    the captions per batch and its tuned base lr (`SIMCLR_OWN`)."""
+    s = _following(train, own=SIMCLR_OWN)
     s.data.n_img, s.data.num_crop = 1, 2
     # Equal views per step (the encoder's compute), as the paper's SimCLR baseline (4096
     # captions x 2 crops against StableRep's 1376 x 6): half as many captions as train's views.
@@ -172,6 +184,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
 
     c.train = train_config(c, preset)
     c.simclr = simclr_config(c.train)
+    c.simclr.optim.blr = BLR["simclr"]
+    # SimCLR on the real set: follows `simclr` except its own tuned base lr.
+    c.simclr_real = _following(c.simclr, own=("optim.blr",))
+    c.simclr_real.optim.blr = BLR["simclr_real"]
     # The runs: StableRep on the synthetic set, SimCLR on the synthetic and on the real set.
     c.baselines = ("simclr_synthetic", "simclr_real")   # which SimCLR runs to add (or none)
     # Where the data sets and the probe set go (default WORKDIR/data): point several demo runs

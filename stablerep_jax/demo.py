@@ -4,7 +4,7 @@ r"""StableRep's comparison in miniature on a CPU: data -> train three ways -> li
   python -m stablerep_jax.demo --workdir=DIR --config.train.model.depth=6 --config.probe.epochs=50
 
 The config (configs/demo.py, which explains the design) holds the configs of the jobs it runs:
-`train` (StableRep), `simclr`, `probe` and `sd`; this module only fills in what comes from
+`train` (StableRep), `simclr`, `simclr_real`, `probe` and `sd`; this module only fills in what comes from
 WORKDIR (the data globs, the checkpoints, the probe set). Every stage writes into WORKDIR (data
 in `data_dir`) and is reused when the demo is rerun (data with a manifest, training checkpoints
 resume), so an interrupted demo picks up where it stopped. Data, metrics, probe results and
@@ -121,7 +121,7 @@ class Preempted(Exception):
 
 
 def train_config(config, name: str, data_glob: str):
-    """`config.train` (StableRep) or `config.simclr` pointed at the demo's data."""
+    """`config.train` (StableRep), `config.simclr` or `config.simclr_real` on the demo's data."""
     c = _job_config(config, name, set_by_demo=("data.train_files",))
     c.data.train_files = data_glob
     return c
@@ -219,7 +219,7 @@ def method_row(results: dict, base_lrs, mean_over) -> dict:
 # slug -> (name in the report, its config field, its data set)
 RUNS = {"stablerep": ("StableRep (synthetic)", "train", "synthetic"),
         "simclr_synthetic": ("SimCLR (synthetic)", "simclr", "synthetic"),
-        "simclr_real": ("SimCLR (real)", "simclr", "real")}
+        "simclr_real": ("SimCLR (real)", "simclr_real", "real")}
 RANDOM = ("random_init", "random init")
 
 

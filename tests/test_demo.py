@@ -34,7 +34,8 @@ def test_train_and_probe_configs_are_the_jobs_own():
         os.path.join(REPO, "configs", "stablerep.py") + ":tiny").to_dict())
     probe_keys = set(config_utils.load_config(
         os.path.join(REPO, "configs", "linear_probe.py") + ":folder").to_dict())
-    assert set(c.train.to_dict()) == set(c.simclr.to_dict()) == train_keys
+    assert (set(c.train.to_dict()) == set(c.simclr.to_dict()) == set(c.simclr_real.to_dict())
+            == train_keys)
     assert set(c.probe.to_dict()) == probe_keys
     assert c.probe.mode == "cached_features"
     job = demo.train_config(c, "train", "/data/*.tfrecord")
@@ -55,6 +56,23 @@ def test_simclr_follows_train_except_its_views_and_its_own_overrides():
     assert simclr.batch_size * 2 == stablerep.batch_size * 3   # same views per step
     assert simclr.optim.blr == 5e-3 and stablerep.optim.blr == 1.5e-3
     assert simclr.seed == stablerep.seed == c.probe.seed == c.sd.seed == 7
+    # SimCLR on the real set follows SimCLR (views, batch, train's fields) but keeps its own lr.
+    real = demo.train_config(c, "simclr_real", "g")
+    assert (real.data.n_img, real.data.num_crop, real.batch_size) == (1, 2, simclr.batch_size)
+    assert real.model.depth == 3 and real.seed == 7
+    assert real.optim.blr == 1.35e-2
+    config_utils.apply_overrides(c, {"simclr.data.num_crop": 4, "simclr_real.optim.blr": 0.1})
+    real = demo.train_config(c, "simclr_real", "g")
+    assert real.data.num_crop == 4 and real.optim.blr == 0.1
+
+
+def test_each_run_trains_at_its_own_tuned_lr():
+    """The default runs use each method's best lr of the study's grid, not StableRep's."""
+    c = _config("default")
+    globs = {"synthetic": "s/*", "real": "r/*"}
+    blrs = {slug: demo.run_config(c, slug, globs).optim.blr for slug in demo.RUNS}
+    assert blrs == {"stablerep": 1.5e-3, "simclr_synthetic": 4.5e-3, "simclr_real": 1.35e-2}
+    assert demo.run_config(c, "simclr_real", globs).data.train_files == "r/*"
 
 
 def test_fields_the_demo_sets_must_stay_unset():
