@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import ast
 import time
-import json
 import os
 import sys
 

@@ -385,6 +385,5 @@ def main(config) -> int:
 
 
 if __name__ == "__main__":
-    from stablerep_jax import cli
     flags.DEFINE_string("workdir", "stablerep_demo", "where the demo writes everything")
     cli.run(main, default_config=_config_file("demo.py"))
