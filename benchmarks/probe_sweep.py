@@ -12,8 +12,8 @@ Sweep speed: random features stand in for frozen CLS features. Both sides run th
 (`linear_probe.cached_epoch_runner`): once with all H lrs stacked (one vmapped update per
 step), then H times with one lr (skipped with --no-separate). Each runner's first epoch compiles
 and is not timed; prints the median seconds of the later epochs of each and the ratio. The
-features stay on the devices (every device holds them all: N x D x 4 bytes, 3.9 GB for ImageNet
-and ViT-B).
+features stay on the devices, split by rows (each device holds N x D x 4 / devices bytes of
+them: 3.9 GB for ImageNet and ViT-B in all, 0.49 GB per device of 8).
 
 Mode gap (`--compare-modes`): a random-init tiny ViT (1 block, width 192, patch 8, 32px) probed
 on toy-world renders labelled by one caption attribute, once with mode "augmented" (the
@@ -23,14 +23,16 @@ tiny case that runs on a CPU, not a prediction of the ImageNet gap. Nothing is a
 
 Epoch timing (`--epoch-timing`): seconds per epoch and per test evaluation of the cached-features
 mode on random features, for (a) the code `linear_probe` runs today (features put on the devices
-once, replicated; each epoch uploads only its [steps, batch] int32 order and gathers the rows on
-the devices; the evaluator uploads the test features once and is compiled once) and (b) the path
+once, split by rows over `data`; each epoch uploads only its [steps, batch] int32 order, and each
+step gathers its rows from the devices holding them with one reduce-scatter; the evaluator
+uploads the test features once and is compiled once) and (b) the path
 it replaced (commit 0e96d18), rebuilt here as the baseline: the features stay host numpy, each
 epoch permutes them with numpy (`feats[order]`) and uploads the permuted copy sharded over
 `data`, and each evaluation builds a new jit of a new partial and uploads the test features again.
 Both use the same initial heads and data order, so they train the same heads. Epoch 1 includes
 compilation and is reported apart, then the median of the rest. Prints the bytes each moves
-host -> device per epoch and per evaluation. On a CPU the "device" is the host: an upload is a
+host -> device per epoch and per evaluation, and the bytes of training features (a) keeps on
+each device (measured from the live arrays' shards). On a CPU the "device" is the host: an upload is a
 memory copy, not a PCIe or ICI transfer, so the numbers there say what the copies cost on that
 machine.
 """
@@ -222,6 +224,12 @@ def time_variant(name: str, run_epoch: Callable, evaluate: Callable, state, epoc
             "kernel": np.asarray(jax.device_get(state.kernel)), "peak_rss_gb": _peak_rss_gb()}
 
 
+def _bytes_on_first_device(arrays) -> int:
+    """Bytes the first device holds of these arrays (its shards; all of a replicated one)."""
+    first = jax.devices()[0]
+    return sum(s.data.nbytes for x in arrays for s in x.addressable_shards if s.device == first)
+
+
 def _steady(seconds: Sequence[float]) -> float:
     """Median seconds after the first call (which compiles; the median resists a busy machine's
     spikes); the first call if there is only one."""
@@ -254,11 +262,14 @@ def epoch_timing(args, mesh=None) -> dict:
                "train_gb": train_f.nbytes / GB}
     # (a) today: the features go up once; an epoch uploads its int32 order only.
     start = time.perf_counter()
+    live_before = {id(x) for x in jax.live_arrays()}
     run_epoch = linear_probe.cached_epoch_runner(train_f, train_l, hp, args.batch, mesh)
+    held = _bytes_on_first_device([x for x in jax.live_arrays() if id(x) not in live_before])
     evaluate = linear_probe.make_evaluator(test_f, test_l, args.classes, args.use_bn, mesh)
     setup_s = time.perf_counter() - start
     a = time_variant("(a)", run_epoch, evaluate, fresh_state(), args.epochs, args.eval_calls)
-    a.update(setup_s=setup_s, epoch_bytes=steps * args.batch * 4, eval_bytes=0)
+    a.update(setup_s=setup_s, epoch_bytes=steps * args.batch * 4, eval_bytes=0,
+             train_bytes_per_device=held)
     results["on_device"] = a
     del run_epoch, evaluate                                   # free the device copy before (b)
     gc.collect()
@@ -287,7 +298,9 @@ def print_epoch_timing(r: dict) -> None:
               f"per call (first {v['eval_s'][0]:.2f} s); host->device "
               f"{_size(v['epoch_bytes'])}/epoch, {_size(v['eval_bytes'])}/evaluation; peak RSS "
               f"{v['peak_rss_gb']:.1f} GB")
-    print(f"    (a) one-off setup (features up once, evaluator built): {a['setup_s']:.2f} s")
+    print(f"    (a) one-off setup (features up once, evaluator built): {a['setup_s']:.2f} s; "
+          f"training features held per device: {_size(a['train_bytes_per_device'])} of "
+          f"{r['train_gb']:.2f} GB")
     print("    (b) per epoch: " + ", ".join(f"{k} {v:.2f} s" for k, v in b["phases"].items())
           + " (after epoch 1)")
     print(f"ratio (b)/(a): {_steady(b['epoch_s']) / _steady(a['epoch_s']):.2f}x per epoch, "

@@ -13,7 +13,8 @@ best top-1 over (epoch, lr). All heads share each batch (same data order), so th
 vmapped update over stacked heads: it equals running each lr alone.
 
 Mode "cached_features" is a deviation for speed: centre-crop features of the training split are
-extracted once and every epoch is one compiled scan over them (no augmentation).
+extracted once and every epoch is one compiled scan over them (no augmentation). They stay on
+the devices split by rows (1/devices each) and every step gathers its batch rows there.
 
 Batches are sharded over the `data` mesh axis (every device of every host); BatchNorm statistics
 and the loss are over the global batch. Test accuracy counts every test example exactly once
@@ -177,32 +178,33 @@ def make_hparams(lrs: Sequence[float], epochs: int, steps_per_epoch: int,
 
 
 def make_epoch_fn(hp: HeadHParams, mesh):
-    """jit(state, feats [N, D], labels [N], order [S, B]) -> (state, losses [S, H]): one epoch
-    as one scan. The features stay on the devices (every device holds them all); each step
-    gathers its batch rows there, every device only its own shard of the batch."""
-    batch = parallel.batch_sharded(mesh)
+    """jit(state, feats [N', D], labels [N'] (both `features.shard_rows`), order [S, B]) ->
+    (state, losses [S, H]): one epoch as one scan. The features stay on the devices, split by
+    rows; each step gathers its batch rows there (`features.make_row_gather`), so every device
+    ends up with its own part of the batch and only B x D values move per step."""
+    take = features_lib.make_row_gather(mesh)
 
     def epoch(state, feats, labels, order):
         def step(state, rows):
-            rows = jax.lax.with_sharding_constraint(rows, batch)
-            return head_step(state, (feats[rows], labels[rows]), hp)
+            return head_step(state, (take(feats, rows), take(labels, rows)), hp)
         return jax.lax.scan(step, state, order)
 
-    rep = parallel.replicated(mesh)
-    return jax.jit(epoch, in_shardings=(rep, rep, rep, rep), out_shardings=(rep, rep),
+    rep, rows = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    return jax.jit(epoch, in_shardings=(rep, rows, rows, rep), out_shardings=(rep, rep),
                    donate_argnums=(0,))
 
 
 def cached_epoch_runner(feats: np.ndarray, labels: np.ndarray, hp: HeadHParams, batch_size: int,
                         mesh, seed: int = 0) -> Callable:
     """`run_epoch(state, epoch) -> (state, mean loss [H])` on cached features (every host holds
-    all of them): they are put on the devices once; each epoch uploads only a fresh permutation
-    (remainder dropped) and runs one compiled scan."""
+    all of them): they are put on the devices once, split by rows (each device keeps 1/devices
+    of them); each epoch uploads only a fresh permutation (remainder dropped) and runs one
+    compiled scan."""
     steps = len(feats) // batch_size
     if steps == 0:
         raise ValueError(f"batch_size {batch_size} is larger than the {len(feats)} training examples")
     epoch_fn = make_epoch_fn(hp, mesh)
-    on_device = [_global_from_host(mesh, np.asarray(a, dtype), P())
+    on_device = [features_lib.shard_rows(np.asarray(a, dtype), mesh)
                  for a, dtype in ((feats, np.float32), (labels, np.int32))]
     num_examples = len(feats)
 

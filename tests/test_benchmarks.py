@@ -261,6 +261,7 @@ def test_probe_epoch_timing_trains_the_same_heads_on_device_and_through_the_host
     np.testing.assert_allclose(a["kernel"], b["kernel"], rtol=1e-4, atol=1e-5)
     assert np.max(np.abs(a["top1"] - b["top1"])) <= 1 / 500
     assert a["epoch_bytes"] == 2048 * 4
+    assert a["train_bytes_per_device"] == 2048 // 8 * (32 * 4 + 4)   # split by rows over 8
     assert b["epoch_bytes"] == 2048 * (32 * 4 + 4)
     assert b["eval_bytes"] == 504 * (32 * 4 + 4 + 1)      # 500 padded to the 8 devices
     bench.print_epoch_timing(r)
