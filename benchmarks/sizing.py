@@ -55,7 +55,7 @@ from train_step import bench_jax, make_config, matmul_peak_flops, random_batch  
 CAPTION = "a photo of a red bicycle leaning on a brick wall"
 
 
-def _args():
+def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--skip_generation", action="store_true")
@@ -82,7 +82,7 @@ def _args():
                    help="NAME=PEAK_TFLOPS,... chips to project to (not measured)")
     p.add_argument("--assumed_utilisation", type=float, default=0.4)
     p.add_argument("--json", help="also write the results here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:   # checked before minutes of measuring, not after
         args.project = [(name.strip(), float(tflops)) for name, tflops in
                         (item.split("=") for item in args.project.split(",") if item.strip())]

@@ -11,6 +11,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Many tests compile the same tiny programs (a train step of the same shapes, the same encoder),
+# each in a fresh jit or a fresh process. XLA's persistent cache, shared by the session's
+# processes (xdist workers and the jobs tests start inherit the directory), compiles each once;
+# keys hold the program, jax version and flags, so a hit is the same executable.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="stablerep_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 # torchvision loads triton, whose bundled LLVM segfaults when loaded after TensorFlow's; load it
 # first (it is optional: the `test` extra) so test modules may import TF and torch in any order.
 try:  # noqa: E402
@@ -68,3 +83,10 @@ def ram_dir():
             for directory, _, files in tf.io.gfile.walk(root):
                 for name in files:
                     tf.io.gfile.remove(f"{directory}/{name}")
+
+
+def pytest_collection_modifyitems(items):
+    """Slow tests (whole jobs, minutes) first, each group in file order: the xdist workers
+    share them from the start and finish on short tests, rather than one worker running a
+    long test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

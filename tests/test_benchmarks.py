@@ -50,10 +50,14 @@ def test_train_step_benchmark_compares_with_pytorch(on_device):
     assert ("colour stage in the JAX step" in out) == (on_device == "true")
 
 
-def test_sizing_rejects_a_bad_projection_before_measuring():
-    out = _run("sizing.py", "--project", "H100", returncode=2)
-    assert "--project 'H100': expected NAME=PEAK_TFLOPS" in out
-    assert "matmul peak" not in out
+def test_sizing_rejects_a_bad_projection_before_measuring(capsys):
+    """The argument check that `main` runs first, before any measurement (usage error: 2)."""
+    sizing = _benchmark_module("sizing.py")
+    with pytest.raises(SystemExit) as stop:
+        sizing._args(["--project", "H100"])
+    assert stop.value.code == 2
+    assert "--project 'H100': expected NAME=PEAK_TFLOPS" in capsys.readouterr().err
+    assert sizing._args(["--project", "A=1.5,B=2"]).project == [("A", 1.5), ("B", 2.0)]
 
 
 def _memory_module():

@@ -420,7 +420,14 @@ def test_knn_monitor_logs_accuracy_during_training(train_files, tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "run"))
     knn_rows = [m for m in read_metrics(str(tmp_path / "run")) if "knn_top1" in m]
     assert [m["step"] for m in knn_rows] == [2, 4]
-    assert all(0.0 <= m["knn_top1"] <= 1.0 for m in knn_rows)
+    # What the monitor logged at step 4 is the k-NN job's result on the step-4 checkpoint.
+    from stablerep_jax import knn
+    from probe_fixtures import probe_config
+    job = knn.run(probe_config(str(tmp_path / "run"), folder, checkpoint_step=4,
+                               **{"knn.k": config.knn.k}), str(tmp_path / "knn_job"))
+    assert job["num_test"] == 12
+    assert knn_rows[1]["knn_top1"] == job["knn_top1"]
+    assert knn_rows[1]["knn_top5"] == job["knn_top5"]
 
 
 # --------------------------------------------------------------------------------------------
