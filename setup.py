@@ -31,9 +31,9 @@ setup(
         "tpu": ["jax[tpu]"],
         "cuda12": ["jax[cuda12]"],
         "torch": ["torch>=2.1"],
-        # pytest-xdist: the README's test command runs two workers (most tests are bound by
-        # single-threaded compiles); tests load launch/*.yaml with sky.Task.
-        "test": ["pytest>=7", "pytest-timeout", "pytest-xdist", "torch>=2.1", "torchvision",
+        # pytest-xdist >= 3.2 (worksteal): the README's test command runs three workers on two
+        # cores (tests wait on subprocesses and compiles); tests load launch/*.yaml with sky.Task.
+        "test": ["pytest>=7", "pytest-timeout", "pytest-xdist>=3.2", "torch>=2.1", "torchvision",
                  "timm>=0.9", "skypilot>=0.14"],
     },
 )

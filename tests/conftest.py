@@ -85,8 +85,20 @@ def ram_dir():
                     tf.io.gfile.remove(f"{directory}/{name}")
 
 
-def pytest_collection_modifyitems(items):
-    """Slow tests (whole jobs, minutes) first, each group in file order: the xdist workers
-    share them from the start and finish on short tests, rather than one worker running a
-    long test alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+def pytest_collection_modifyitems(config, items):
+    """Spreads the slow tests (whole jobs, up to minutes each) over the xdist workers and starts
+    each worker on its share. The README runs `--dist worksteal`, which hands each worker one
+    contiguous part of this list (worker k of n: about the k-th n-th) and lets an idle worker
+    steal the back half of a busy one's queue; so every part begins with every n-th slow test
+    and the short tests fill the rest. Only the order changes, never what runs."""
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    fast = [item for item in items if item.get_closest_marker("slow") is None]
+    ordered, left = [], len(items)
+    for k in range(workers):
+        size = left // (workers - k)        # worksteal's split of what is left
+        share = slow[k::workers]
+        ordered += share + fast[:size - len(share)]
+        fast = fast[max(0, size - len(share)):]
+        left -= size
+    items[:] = ordered + fast
