@@ -125,12 +125,6 @@ def random_features(num: int, dim: int, classes: int, signal: float, seed: int,
     return feats, labels, centroids
 
 
-def _upload(mesh, array: np.ndarray, spec: P) -> jax.Array:
-    """Host numpy -> a global array with `spec`, each device filled from the host copy."""
-    return jax.make_array_from_callback(array.shape, NamedSharding(mesh, spec),
-                                        lambda index: array[index])
-
-
 def host_round_trip_runner(feats: np.ndarray, labels: np.ndarray, hp, batch_size: int, mesh,
                            seed: int, phases: dict) -> Callable:
     """The cached-features epoch before commit 959ef73 (rebuilt as the baseline): the features
@@ -151,7 +145,7 @@ def host_round_trip_runner(feats: np.ndarray, labels: np.ndarray, hp, batch_size
         order = linear_probe._epoch_order(seed, epoch_index, len(feats), steps, batch_size)
         f, l = feats[order], labels[order]     # a permuted host copy
         permuted = time.perf_counter()
-        f_dev, l_dev = jax.block_until_ready((_upload(mesh, f, spec), _upload(mesh, l, spec)))
+        f_dev, l_dev = jax.block_until_ready((parallel.from_host(mesh, f, spec), parallel.from_host(mesh, l, spec)))
         del f, l
         uploaded = time.perf_counter()
         state, losses = jax.block_until_ready(epoch_fn(state, f_dev, l_dev))
@@ -184,7 +178,7 @@ def rejit_evaluate(state, feats: np.ndarray, labels: np.ndarray, num_classes: in
         f = np.pad(np.asarray(feats[part], np.float32), ((0, chunk - valid), (0, 0)))
         l = np.pad(np.asarray(labels[part], np.int32), (0, chunk - valid))
         m = np.arange(chunk) < valid
-        c1, c5 = fn(state, *(_upload(mesh, a, P(parallel.DATA_AXIS)) for a in (f, l, m)))
+        c1, c5 = fn(state, *(parallel.from_host(mesh, a, P(parallel.DATA_AXIS)) for a in (f, l, m)))
         hits1, hits5 = hits1 + np.asarray(c1), hits5 + np.asarray(c5)
     return hits1 / len(feats), hits5 / len(feats)
 

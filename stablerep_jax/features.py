@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from stablerep_jax import checkpoint, parallel
@@ -107,8 +107,7 @@ def shard_rows(array: np.ndarray, mesh) -> jax.Array:
     pad = -len(array) % n_dev
     if pad:
         array = np.concatenate([array, np.zeros((pad,) + array.shape[1:], array.dtype)])
-    sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+    return parallel.from_host(mesh, array, P(parallel.DATA_AXIS))
 
 
 def make_row_gather(mesh) -> Callable:

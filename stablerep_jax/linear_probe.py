@@ -162,12 +162,6 @@ def _epoch_order(seed: int, epoch: int, num_examples: int, steps: int, batch: in
     return perm[:steps * batch].reshape(steps, batch)
 
 
-def _global_from_host(mesh, array: np.ndarray, spec: P) -> jax.Array:
-    """An array every host holds in full -> a global array (each host fills its own shards)."""
-    sharding = NamedSharding(mesh, spec)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-
 def make_hparams(lrs: Sequence[float], epochs: int, steps_per_epoch: int,
                  momentum: float = 0.9, weight_decay: float = 0.0, warmup_epochs: float = 0.0,
                  use_bn: bool = False) -> HeadHParams:
@@ -210,7 +204,7 @@ def cached_epoch_runner(feats: np.ndarray, labels: np.ndarray, hp: HeadHParams, 
 
     def run_epoch(state, epoch):
         order = _epoch_order(seed, epoch, num_examples, steps, batch_size).astype(np.int32)
-        state, losses = epoch_fn(state, *on_device, _global_from_host(mesh, order, P()))
+        state, losses = epoch_fn(state, *on_device, parallel.from_host(mesh, order, P()))
         return state, jnp.mean(losses, axis=0)
 
     return run_epoch
@@ -341,7 +335,7 @@ def make_evaluator(feats: np.ndarray, labels: np.ndarray, num_classes: int, use_
     f = np.pad(np.asarray(feats, np.float32), ((0, pad), (0, 0))).reshape(chunks, chunk, -1)
     l = np.pad(np.asarray(labels, np.int32), (0, pad)).reshape(chunks, chunk)
     m = (np.arange(chunks * chunk) < num).reshape(chunks, chunk)
-    on_device = [_global_from_host(mesh, a, spec) for a in (f, l, m)]
+    on_device = [parallel.from_host(mesh, a, spec) for a in (f, l, m)]
     count = functools.partial(correct_counts, use_bn=use_bn, top_k=min(5, num_classes))
 
     def hits(state, f, l, m):

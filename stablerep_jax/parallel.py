@@ -102,6 +102,13 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def from_host(mesh: Mesh, array: np.ndarray, spec: P) -> jax.Array:
+    """An array every host holds in full -> a global array laid out by `spec`; each host fills
+    only its own devices' shards (no host sends another host anything)."""
+    return jax.make_array_from_callback(array.shape, NamedSharding(mesh, spec),
+                                        lambda index: array[index])
+
+
 def zero1_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     """Shards a leaf over its largest axis divisible by the mesh size; small leaves replicate."""
     size = mesh.shape[DATA_AXIS]
