@@ -98,7 +98,8 @@ def pytest_collection_modifyitems(config, items):
     for k in range(workers):
         size = left // (workers - k)        # worksteal's split of what is left
         share = slow[k::workers]
-        ordered += share + fast[:size - len(share)]
-        fast = fast[max(0, size - len(share)):]
+        filler = max(0, size - len(share))
+        ordered += share + fast[:filler]
+        fast = fast[filler:]
         left -= size
     items[:] = ordered + fast
