@@ -1,0 +1,1 @@
+"""Stable Diffusion components in our own Flax code, loading diffusers' PyTorch weights."""
