@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.total_steps = 0              # > 0 overrides epochs
     c.stop_at_step = 0             # > 0: checkpoint and exit at this step (schedule unchanged)
     c.checkpoint_every = 1000      # steps; a final checkpoint is always written
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3         # newest finished checkpoints kept; -1 keeps all (0 is refused)
     c.log_every = 50
     c.preemption_check_every = 10  # multi-host SIGTERM agreement every N steps, only when JAX's
                                    # preemption service is off (else its sync point picks the step)

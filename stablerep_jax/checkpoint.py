@@ -41,6 +41,8 @@ BATCH_STATS = "batch_stats"
 MODEL_CONFIG = "model_config"
 OPT_STATE = "opt_state"
 META = "meta"
+# `keep_checkpoints` value that keeps every finished checkpoint (orbax's LatestN(None)).
+KEEP_ALL = -1
 
 
 def _absolute(path) -> epath.Path:
@@ -255,6 +257,19 @@ def _json_ready(value):
 
 
 
+def keep_policy(keep) -> ocp.checkpoint_managers.LatestN:
+    """The orbax preservation policy for train's `keep_checkpoints`: the newest `keep` finished
+    checkpoints, or all of them for `KEEP_ALL` (-1). Any other value below 1 is a ValueError
+    naming the key: 0 would delete each checkpoint as soon as it is written."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or (
+            keep < 1 and keep != KEEP_ALL):
+        raise ValueError(
+            f"keep_checkpoints={keep!r}: must be >= 1 (how many of the newest finished "
+            f"checkpoints to keep) or {KEEP_ALL} (keep all of them); with {keep!r} every "
+            "checkpoint would be deleted as soon as it is written and a rerun would start over")
+    return ocp.checkpoint_managers.LatestN(None if keep == KEEP_ALL else int(keep))
+
+
 class TrainCheckpointer:
     """Train-state checkpoints in the shared layout: the model part (`params`, `batch_stats`,
     `model_config`) plus `opt_state` and `meta` (step, train config) for exact resume.
@@ -264,11 +279,12 @@ class TrainCheckpointer:
     """
 
     def __init__(self, workdir, keep: int = 3):
+        """`keep`: the newest finished checkpoints kept (`keep_policy`; `KEEP_ALL` keeps all)."""
         self.directory = checkpoints_dir(workdir)
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 enable_async_checkpointing=True))
+            options=ocp.CheckpointManagerOptions(preservation_policy=keep_policy(keep),
+                                                 create=True, enable_async_checkpointing=True))
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()

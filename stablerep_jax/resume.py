@@ -5,8 +5,10 @@ taken when the run first started) and the process count. On resume, `check_resum
 them with the new run's: a change of batch size, data, seed, schedule, loss or model would put
 the data stream in the wrong place, make the learning rate jump or fail deep in orbax with a
 shape error, so it stops the run before anything is written, listing every changed key with
-its old and new value. Keys that only steer bookkeeping (`SAFE_TO_CHANGE`) may differ freely;
-any other key may be allowed explicitly (train's `--resume_allow_changes=key1,key2`).
+its old and new value. Keys that only steer bookkeeping (`SAFE_TO_CHANGE`) may differ, and each
+such change is logged (a smaller `keep_checkpoints` as a warning: the next save deletes the
+older checkpoints beyond the new count); any other key may be allowed explicitly (train's
+`--resume_allow_changes=key1,key2`).
 """
 from __future__ import annotations
 
@@ -14,11 +16,15 @@ import json
 import os
 from typing import Iterable, Sequence
 
+from absl import logging
+
 from stablerep_jax.data import shards
 
 # Config keys (or key prefixes) that do not change the data stream, the schedule or the model.
 SAFE_TO_CHANGE = ("stop_at_step", "checkpoint_every", "keep_checkpoints", "log_every",
-                  "preemption_check_every", "knn", "init_from", "preset")
+                  "preemption_check_every", "knn", "init_from", "preset",
+                  # the attention kernel: same math and the same parameter tree, any kind
+                  "model.attention", "model.attention_pad_to")
 # Names of the non-config parts of a run's identity, usable in --resume_allow_changes.
 DATA_FILES = "data.files"          # the shards' names and record counts
 PROCESS_COUNT = "process_count"    # hosts: each reads its own slice of the files
@@ -28,7 +34,8 @@ PROCESS_COUNT = "process_count"    # hosts: each reads its own slice of the file
 MOVED_KEYS = {"data.image_size": "model.image_size"}
 # Keys added later (name -> the value that does what runs saved before them did). A saved
 # config without one is read as holding that value, so adding a key breaks no resume.
-ADDED_KEYS = {"model.attention": "einsum", "data.augment_on_device": True}
+ADDED_KEYS = {"model.attention": "einsum", "data.augment_on_device": True,
+              "model.attention_pad_to": 1}
 
 META_TRAIN_CONFIG = "train_config"
 META_DATA_FILES = "data_files"
@@ -99,18 +106,41 @@ def _as_of_today(flat: dict) -> dict:
     return out
 
 
-def config_changes(saved_json: str, new_json: str) -> list[tuple[str, object, object]]:
-    """(key, old, new) for every leaf that differs, except `SAFE_TO_CHANGE`; a saved config
-    from before a key moved or was added (`MOVED_KEYS`, `ADDED_KEYS`) is read in today's
-    layout."""
+def _all_changes(saved_json: str, new_json: str) -> list[tuple[str, object, object]]:
     old = _as_of_today(_flatten(json.loads(saved_json)))
     new = _flatten(json.loads(new_json))
     changes = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
-        if a != b and not _covered(key, SAFE_TO_CHANGE):
+        if a != b:
             changes.append((key, a, b))
     return changes
+
+
+def config_changes(saved_json: str, new_json: str) -> list[tuple[str, object, object]]:
+    """(key, old, new) for every leaf that differs, except `SAFE_TO_CHANGE`; a saved config
+    from before a key moved or was added (`MOVED_KEYS`, `ADDED_KEYS`) is read in today's
+    layout."""
+    return [c for c in _all_changes(saved_json, new_json) if not _covered(c[0], SAFE_TO_CHANGE)]
+
+
+def bookkeeping_changes(saved_json: str, new_json: str) -> list[tuple[str, object, object]]:
+    """(key, old, new) for every `SAFE_TO_CHANGE` leaf that differs: allowed, but logged."""
+    return [c for c in _all_changes(saved_json, new_json) if _covered(c[0], SAFE_TO_CHANGE)]
+
+
+def _log_bookkeeping_changes(saved_json: str, new_json: str) -> None:
+    """Says what each allowed change does; a smaller `keep_checkpoints` deletes checkpoints the
+    old run kept, so it is a warning that says how many survive."""
+    for key, old, new in bookkeeping_changes(saved_json, new_json):
+        if key == "keep_checkpoints" and isinstance(new, int) and new >= 1 and (
+                not isinstance(old, int) or old < 0 or new < old):
+            logging.warning("resuming with keep_checkpoints %s -> %s: the next save deletes all "
+                            "but the newest %d finished checkpoint(s) in the workdir",
+                            _missing(old), _missing(new), new)
+        else:
+            logging.info("resuming with %s %s -> %s (does not change the data stream, the "
+                         "schedule or the model)", key, _missing(old), _missing(new))
 
 
 def _describe_files(old: list, new: list) -> str:
@@ -134,6 +164,7 @@ def check_resume(saved_meta: dict, config_json: str, fingerprint: list, process_
     `allowed` does not cover. Entries a checkpoint predating a check lacks are skipped."""
     problems = []
     if META_TRAIN_CONFIG in saved_meta:
+        _log_bookkeeping_changes(saved_meta[META_TRAIN_CONFIG], config_json)
         for key, old, new in config_changes(saved_meta[META_TRAIN_CONFIG], config_json):
             if not _covered(key, allowed):
                 problems.append(f"{key}: {_missing(old)} -> {_missing(new)}")

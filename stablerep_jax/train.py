@@ -132,6 +132,7 @@ def check_config(config) -> None:
     for key in ("log_every", "checkpoint_every", "preemption_check_every"):
         if config[key] < 1:
             raise ValueError(f"{key}={config[key]}: must be >= 1")
+    checkpoint.keep_policy(config.keep_checkpoints)
     parallel.host_local_batch_size(config.batch_size)
 
 

@@ -228,3 +228,17 @@ def test_a_checkpoint_saved_before_image_size_moved_loads_like_a_new_one(tmp_pat
         feats[name] = encoder.model.apply(encoder.variables, images,
                                           method=type(encoder.model).encode_image)
     np.testing.assert_array_equal(feats["old"], feats["new"])
+
+
+def test_keep_checkpoints_below_one_is_refused_and_minus_one_keeps_all(tmp_path):
+    """keep 0 used to delete each checkpoint as it was written (logging "saved"): it is
+    refused with the key's name; -1 (`KEEP_ALL`) keeps every step, n keeps the newest n."""
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match=rf"keep_checkpoints={bad!r}: must be >= 1 .* or -1"):
+            checkpoint.TrainCheckpointer(tmp_path / "bad", keep=bad)
+    assert not (tmp_path / "bad").exists()
+    for step in (1, 2, 3):
+        train_save(tmp_path / "all", step, params_of(step), keep=checkpoint.KEEP_ALL)
+        train_save(tmp_path / "two", step, params_of(step), keep=2)
+    assert checkpoint.finished_steps(tmp_path / "all") == [1, 2, 3]
+    assert checkpoint.finished_steps(tmp_path / "two") == [2, 3]

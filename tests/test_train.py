@@ -379,6 +379,9 @@ def test_bad_configs_fail_before_touching_data(tmp_path):
         config = tiny_config("x")
         config.preemption_check_every = 0
         train.check_config(config)
+    with pytest.raises(ValueError, match=r"keep_checkpoints=0: must be >= 1 .* or -1"):
+        train.check_config(tiny_config("x", keep_checkpoints=0))
+    train.check_config(tiny_config("x", keep_checkpoints=-1))    # keeps every checkpoint
 
 
 def test_count_captions_needs_every_shard_in_a_manifest(train_files, tmp_path):
@@ -528,3 +531,15 @@ def test_a_run_saved_before_a_key_was_added_resumes_when_it_keeps_the_old_behavi
     host = tiny_config("d/*.tfrecord", **{"data.augment_on_device": False})
     with pytest.raises(resume.ResumeMismatch, match="data.augment_on_device: true -> false"):
         resume.check_resume(identity, host.to_json_best_effort(), [["a.tfrecord", 8]], 1)
+
+
+def test_resume_with_fewer_kept_checkpoints_warns_that_older_ones_go(caplog):
+    """keep_checkpoints may change on resume, but not silently: a smaller value deletes the
+    older checkpoints at the next save, and the log says so."""
+    saved = _meta(tiny_config("d/*.tfrecord", keep_checkpoints=10))
+    caplog.set_level("INFO")
+    resume.check_resume(saved, tiny_config("d/*.tfrecord", keep_checkpoints=2).to_json_best_effort(),
+                        [["a.tfrecord", 8]], 1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("keep_checkpoints 10 -> 2: the next save deletes all but the newest 2" in w
+               for w in warnings), warnings
