@@ -2,7 +2,9 @@
 
 A captions file is `.txt` (one caption per line: lines end at "\n" only, with a "\r" before it
 dropped, so U+2028, U+0085 or a form feed inside a caption never cut it in two) or `.csv` / `.tsv`
-with a header row and a caption column. Blank captions are skipped and counted; caption ids
+with a header row and a caption column, one record per line: `.tsv` is read without quoting
+(a '"' is a character of the caption), and a `.csv` field holding a line break is an error
+naming its row. Blank captions are skipped and counted; caption ids
 number the kept captions 0, 1, 2, ... in file order (the `caption_id` of the TFRecord schema).
 The rows of the skipped blanks are kept (`Captions.blank_rows`), so `Captions.row_of` maps a
 caption id back to its line of the file (the reference keeps blank lines as empty prompts and
@@ -74,18 +76,47 @@ def _read_text(path: str) -> str:
                          f"{data[e.start:e.end]!r} on line {line}") from e
 
 
+def _table_rows(path: str, text: str, delimiter: str):
+    """(row number, fields) of a .csv / .tsv file, the header being row 1.
+
+    .tsv is read with no quoting at all (csv.QUOTE_NONE), as CC12M-style files are written: a
+    caption that starts with a '"' keeps it and never swallows the lines after it. In .csv a
+    quoted field may not hold a line break either: each record must be one line, so an unclosed
+    quote is caught at its row instead of silently merging captions."""
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    row_number, last_line = 0, 0
+    while True:
+        row_number += 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise ValueError(f"captions file {path!r}, row {row_number} (line "
+                             f"{last_line + 1}): {e}") from e
+        first_line, last_line = last_line + 1, reader.line_num
+        if any("\n" in field or "\r" in field for field in row):
+            raise ValueError(
+                f"captions file {path!r}, row {row_number} (lines {first_line}-{last_line}): a "
+                "quoted field holds a line break; every record must be on one line (an unclosed "
+                "'\"' joins the lines after it into one caption): fix the quoting, or write the "
+                "captions as .tsv (read without quoting) or .txt (one caption per line)")
+        yield row_number, row
+
+
 def _table_captions(path: str, text: str, delimiter: str, column: str) -> list[str]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = next(reader, None)
-    if header is None:
+    rows = _table_rows(path, text, delimiter)
+    first = next(rows, None)
+    if first is None:
         return []
-    names = [h.strip() for h in header]
+    names = [h.strip() for h in first[1]]
     if column not in names:
         raise ValueError(f"captions file {path!r} has no column {column!r} (header: "
                          f"{', '.join(repr(n) for n in names)}); set --config.caption_column")
     index = names.index(column)
     out = []
-    for row_number, row in enumerate(reader, start=2):
+    for row_number, row in rows:
         if not row:           # an empty line: a blank caption
             out.append("")
             continue
