@@ -257,6 +257,11 @@ def _json_ready(value):
 
 
 
+def _workdir_of(manager_dir: epath.Path) -> str:
+    return os.fspath(manager_dir.parent) if manager_dir.name == CHECKPOINTS_SUBDIR else \
+        os.fspath(manager_dir)
+
+
 def keep_policy(keep) -> ocp.checkpoint_managers.LatestN:
     """The orbax preservation policy for train's `keep_checkpoints`: the newest `keep` finished
     checkpoints, or all of them for `KEEP_ALL` (-1). Any other value below 1 is a ValueError
@@ -299,7 +304,19 @@ class TrainCheckpointer:
             force=True)
 
     def restore_meta(self, step: int) -> dict:
-        """The `meta` item of `step` alone (read before the state, to check a resume)."""
+        """The `meta` item of `step` alone (read before the state, to check a resume).
+
+        A step without one is not a train checkpoint (`convert` writes params alone): a
+        ValueError says so and how to start from those weights instead."""
+        step_dir = self.directory / str(step)
+        if not (step_dir / META).exists():
+            items = (sorted(p.name for p in step_dir.iterdir() if p.is_dir())
+                     if step_dir.exists() else [])
+            raise ValueError(
+                f"{step_dir} is not a train checkpoint: it has no {META!r} item (the run's "
+                f"step and settings; items there: {', '.join(items) or 'none'}), as written by "
+                "`convert`. To train from these weights, pass "
+                f"--config.init_from={_workdir_of(self.directory)} and a new, empty --workdir")
         restored = self._manager.restore(step, args=ocp.args.Composite(
             **{META: ocp.args.JsonRestore()}))
         return dict(restored[META])

@@ -141,8 +141,13 @@ def host_local_batch_size(global_batch: int, device_count: int | None = None,
     """
     devices = jax.device_count() if device_count is None else int(device_count)
     processes = jax.process_count() if process_count is None else int(process_count)
-    if global_batch < 1 or global_batch % devices:
-        nearest = nearest_valid_batch_sizes(max(global_batch, 0), devices)
+    if global_batch < 1:
+        raise ValueError(
+            f"batch_size={global_batch} (captions per global batch): must be positive, a "
+            f"multiple of the {devices} devices ({devices}, {2 * devices}, ...): set "
+            "--config.batch_size")
+    if global_batch % devices:
+        nearest = nearest_valid_batch_sizes(global_batch, devices)
         choices = " or ".join(str(b) for b in nearest)
         raise ValueError(
             f"batch_size={global_batch} (captions per global batch) is not divisible by the "

@@ -132,6 +132,10 @@ def check_config(config) -> None:
     for key in ("log_every", "checkpoint_every", "preemption_check_every"):
         if config[key] < 1:
             raise ValueError(f"{key}={config[key]}: must be >= 1")
+    for key, meaning in (("total_steps", "the run's length in steps; 0: set by epochs"),
+                         ("stop_at_step", "checkpoint and stop there; 0: run to the end")):
+        if config[key] < 0:
+            raise ValueError(f"{key}={config[key]}: must be > 0 ({meaning})")
     checkpoint.keep_policy(config.keep_checkpoints)
     parallel.host_local_batch_size(config.batch_size)
 

@@ -242,3 +242,19 @@ def test_keep_checkpoints_below_one_is_refused_and_minus_one_keeps_all(tmp_path)
         train_save(tmp_path / "two", step, params_of(step), keep=2)
     assert checkpoint.finished_steps(tmp_path / "all") == [1, 2, 3]
     assert checkpoint.finished_steps(tmp_path / "two") == [2, 3]
+
+
+def test_a_convert_output_as_train_workdir_says_what_it_is(tmp_path):
+    """Used to be orbax's KeyError 'Item "meta" was not found'."""
+    checkpoint.save_model(tmp_path / "converted", 0, params_of(2), {}, MODEL_CONFIG)
+    ckpt = checkpoint.TrainCheckpointer(tmp_path / "converted")
+    try:
+        assert ckpt.latest_step() == 0
+        with pytest.raises(ValueError, match=r"converted/checkpoints/0 is not a train checkpoint: "
+                                             r"it has no 'meta' item .*items there: "
+                                             r"model_config, params\), as written by `convert`. "
+                                             r"To train from these weights, pass --config.init_"
+                                             rf"from={tmp_path}/converted and a new"):
+            ckpt.restore_meta(0)
+    finally:
+        ckpt.close()

@@ -397,3 +397,28 @@ def test_a_failing_host_stops_every_host(tmp_path):
     assert "exit code 1" in outputs[0] and "process(es) [1] failed" in outputs[0], \
         outputs[0][-3000:]
     assert not os.path.exists(out)
+
+
+def test_non_utf8_csv_or_caption_file_is_named_with_its_line(tmp_path):
+    """A Latin-1 byte used to surface as a bare UnicodeDecodeError naming neither file nor
+    line; nothing is written either way."""
+    csv_path, roots = _reference_layout(str(tmp_path / "src"))
+    lines = _read_bytes(csv_path).split(b"\n")
+    lines[4] = lines[4].replace(b"a photo", b"a caf\xe9 photo")
+    with open(csv_path, "wb") as f:
+        f.write(b"\n".join(lines))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"csv .*train.csv:5 is not UTF-8 text: undecodable "
+                                         r"bytes b'\\xe9'"):
+        import_images.run(_config(str(out), csv=csv_path, roots=",".join(roots)))
+    assert not out.exists()
+
+    folder = tmp_path / "groups"
+    for g in range(3):
+        sub = folder / f"group{g}"
+        sub.mkdir(parents=True)
+        (sub / "0.png").write_bytes(_image(g, 0, "PNG"))
+        (sub / "caption.txt").write_bytes(b"fine\nline two \xff\xfe\n" if g == 1 else b"ok\n")
+    with pytest.raises(ValueError, match=r"caption file .*group1/caption.txt:2 is not UTF-8"):
+        import_images.run(_config(str(out), folder=str(folder)))
+    assert not out.exists()

@@ -382,6 +382,15 @@ def test_bad_configs_fail_before_touching_data(tmp_path):
     with pytest.raises(ValueError, match=r"keep_checkpoints=0: must be >= 1 .* or -1"):
         train.check_config(tiny_config("x", keep_checkpoints=0))
     train.check_config(tiny_config("x", keep_checkpoints=-1))    # keeps every checkpoint
+    with pytest.raises(ValueError, match=r"total_steps=-5: must be > 0 \(the run's length in "
+                                         r"steps; 0: set by epochs\)"):
+        train.check_config(tiny_config("x", total_steps=-5))
+    with pytest.raises(ValueError, match=r"stop_at_step=-1: must be > 0"):
+        train.check_config(tiny_config("x", stop_at_step=-1))
+    for bad in (0, -8):
+        with pytest.raises(ValueError, match=rf"batch_size={bad} \(captions per global batch\): "
+                                             r"must be positive, a multiple of the 8 devices"):
+            train.check_config(tiny_config("x", batch_size=bad))
 
 
 def test_count_captions_needs_every_shard_in_a_manifest(train_files, tmp_path):
@@ -543,3 +552,11 @@ def test_resume_with_fewer_kept_checkpoints_warns_that_older_ones_go(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("keep_checkpoints 10 -> 2: the next save deletes all but the newest 2" in w
                for w in warnings), warnings
+
+
+def test_a_convert_output_as_workdir_is_named_not_a_key_error(train_files, tmp_path):
+    from stablerep_jax import checkpoint
+    checkpoint.save_model(tmp_path, 0, {"w": np.ones(3, np.float32)}, {}, {"image_size": 32})
+    with pytest.raises(ValueError, match=r"checkpoints/0 is not a train checkpoint.*"
+                                         rf"--config.init_from={tmp_path} and a new"):
+        train.train_and_evaluate(tiny_config(train_files, total_steps=2), str(tmp_path))

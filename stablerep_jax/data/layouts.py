@@ -44,14 +44,27 @@ def inside_root(rel_path: str, where: str) -> str:
     return posixpath.normpath(rel_path)
 
 
+def read_text(path: str, what: str) -> str:
+    """The UTF-8 text of `path` (a BOM dropped); bytes that are not UTF-8 are a ValueError naming
+    `what`, the file, the line and the bytes (a bare UnicodeDecodeError names none of them)."""
+    with tf.io.gfile.GFile(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{what} {path}:{line} is not UTF-8 text: undecodable bytes "
+                         f"{data[e.start:e.end]!r} (byte {e.start} of the file); save it as "
+                         "UTF-8") from e
+
+
 def read_reference_layout(csv_path: str, roots: list[str]) -> list[CaptionGroup]:
     """CSV rows -> groups with one path per root, in CSV order."""
     if not roots:
         raise ValueError("roots is empty: give the root folders, one per seed, comma-separated")
     if not tf.io.gfile.exists(csv_path):
         raise FileNotFoundError(f"csv {csv_path!r} does not exist")
-    with tf.io.gfile.GFile(csv_path, "r") as f:
-        text = f.read()
+    text = read_text(csv_path, "csv")
     groups = []
     for line_no, row in enumerate(csv.reader(io.StringIO(text)), start=1):
         if not row:
@@ -81,8 +94,7 @@ def read_folder_layout(folder: str) -> list[CaptionGroup]:
         caption_path = os.path.join(sub, CAPTION_FILE)
         if not tf.io.gfile.exists(caption_path):
             raise FileNotFoundError(f"{sub} has no {CAPTION_FILE}")
-        with tf.io.gfile.GFile(caption_path, "r") as f:
-            caption = f.read().strip()
+        caption = read_text(caption_path, "caption file").strip()
         if not caption:
             raise ValueError(f"{caption_path} is empty")
         images = sorted(n for n in tf.io.gfile.listdir(sub)
