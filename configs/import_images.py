@@ -32,6 +32,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.save_size = 0             # > 0: resize the shorter side to this (re-encodes)
     c.jpeg_quality = 95
     c.verify = True             # fully decode each kept image once, so bad files are named here
+    c.max_image_pixels = 178_956_970   # larger images: a JPEG is decoded at 1/2, 1/4 or 1/8 size
+                                       # (re-encoded), any other is unreadable (on_missing)
     c.on_missing = "error"      # error / skip_caption (listed in OUTPUT_DIR/missing.txt)
     c.check_first = True        # look for missing files before writing anything
     c.seeds = config_dict.placeholder(str)       # comma-separated seed per root; default 0..K-1

@@ -10,6 +10,11 @@ or, for a folder of caption groups (one sub-folder per caption with caption.txt 
   python -m stablerep_jax.import_images --config=configs/import_images.py \
       --config.folder=/data/my_groups --config.output_dir=/data/my_tfrecords
 
+Images larger than `max_image_pixels` (panoramas, scans) are never decoded in full: a JPEG is
+decoded at 1/2, 1/4 or 1/8 of its size (PIL's `draft`, the largest that fits) and re-encoded;
+any other format is an unreadable image. PIL's own process-wide limit is lifted while the job
+decodes (this check replaces it, on the size in the file's header, before anything is decoded).
+
 Missing or unreadable images are reported by name: with `on_missing=error` (default) the job
 stops before writing the shard that needs them (with `check_first`, before writing any of this
 process's shards); with `on_missing=skip_caption` the captions concerned are left out and listed
@@ -27,6 +32,7 @@ H writes shards H, H + N, ...; host 0 alone writes settings.json, manifest.json 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import io
 import json
@@ -49,6 +55,10 @@ MISSING_REPORT = "missing.txt"
 SETTINGS_NAME = "settings.json"
 SHARD_INFO_DIR = "shard_info"     # <shard>.json: a written shard's counts and skipped images
 _REPORT_NAMES = 20
+# Default `max_image_pixels`: where PIL's own check raised DecompressionBombError (twice its
+# MAX_IMAGE_PIXELS), so images that imported before import as they did.
+DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
+_DRAFT_SCALES = (2, 4, 8)             # the reductions libjpeg decodes at directly
 
 
 class ImageProblem(Exception):
@@ -63,15 +73,41 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+def _fit_pixels(img: Image.Image, path: str, max_pixels: int) -> bool:
+    """Makes an opened, not yet decoded image at most `max_pixels` pixels: returns False when it
+    already is, True when a JPEG now decodes at a reduced scale (`draft`); else ImageProblem."""
+    w, h = img.size
+    if w * h <= max_pixels:
+        return False
+    size = f"{w}x{h} = {w * h} pixels, above max_image_pixels={max_pixels}"
+    scale = next((s for s in _DRAFT_SCALES if -(-w // s) * -(-h // s) <= max_pixels), None)
+    if img.format != "JPEG" or scale is None:
+        why = ("even 1/8 of it is larger" if img.format == "JPEG" else
+               f"{img.format or 'this format'} cannot be decoded at reduced size (JPEG can)")
+        raise ImageProblem(f"{path}: cannot be read as an image ({size}; {why}): shrink it or "
+                           "raise --config.max_image_pixels")
+    img.draft(img.mode, (max(1, w // scale), max(1, h // scale)))
+    if img.size[0] * img.size[1] > max_pixels:      # draft declined (e.g. several tiles)
+        raise ImageProblem(f"{path}: cannot be read as an image ({size}; it could not be "
+                           "decoded at reduced size): shrink it or raise --config.max_image_pixels")
+    logging.warning("%s: %s; decoded at 1/%d size (%dx%d)", path, size, w // img.size[0],
+                    img.size[0], img.size[1])
+    return True
+
+
 def prepare_image(data: bytes, path: str, *, image_format: str = "keep", save_size: int = 0,
-                  jpeg_quality: int = 95, verify: bool = True) -> bytes:
+                  jpeg_quality: int = 95, verify: bool = True,
+                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> bytes:
     """The bytes to store: the file itself when it already is JPEG/PNG in the wanted format and
-    size, else decoded, resized (shorter side to `save_size`) and re-encoded."""
+    size, else decoded, resized (shorter side to `save_size`) and re-encoded. An image above
+    `max_pixels` is decoded at reduced size where the format allows (`_fit_pixels`) and
+    re-encoded, else it is an ImageProblem naming `path`, as is any file PIL cannot read."""
     kind = sniff_format(data)
     target = image_format if image_format != "keep" else (kind or "png")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            if save_size <= 0 and kind == target:
+            reduced = _fit_pixels(img, path, max_pixels)
+            if save_size <= 0 and kind == target and not reduced:
                 if verify:
                     img.load()            # a full decode catches truncated files
                 return data
@@ -82,8 +118,21 @@ def prepare_image(data: bytes, path: str, *, image_format: str = "keep", save_si
                 img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))),
                                  Image.BICUBIC)
             return records.encode_image(img, target, jpeg_quality)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+            Image.DecompressionBombError) as e:
         raise ImageProblem(f"{path}: cannot be read as an image ({e})") from e
+
+
+@contextlib.contextmanager
+def _own_pixel_limit():
+    """Lifts PIL's process-wide pixel limit (it raises at open, before the size can be read)
+    while the job decodes: `prepare_image` checks `max_image_pixels` itself instead."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def _read(path: str) -> bytes:
@@ -114,7 +163,8 @@ def _build_record(group: layouts.CaptionGroup, seeds: Sequence[int], config):
         try:
             images.append(prepare_image(
                 _read(path), path, image_format=config.image_format, save_size=config.save_size,
-                jpeg_quality=config.jpeg_quality, verify=config.verify))
+                jpeg_quality=config.jpeg_quality, verify=config.verify,
+                max_pixels=config.max_image_pixels))
         except ImageProblem as e:
             problems.append(str(e))
     if problems:
@@ -164,6 +214,10 @@ def check_config(config) -> None:
         raise ValueError("set --config.output_dir")
     if config.captions_per_shard < 1:
         raise ValueError(f"captions_per_shard={config.captions_per_shard}: must be >= 1")
+    if config.max_image_pixels < 1:
+        raise ValueError(f"max_image_pixels={config.max_image_pixels}: must be >= 1 (images "
+                         f"larger are decoded at reduced size or skipped; PIL's default is "
+                         f"{DEFAULT_MAX_IMAGE_PIXELS})")
 
 
 def settings_of(config, groups: Sequence[layouts.CaptionGroup], seeds: Sequence[int]) -> dict:
@@ -179,6 +233,9 @@ def settings_of(config, groups: Sequence[layouts.CaptionGroup], seeds: Sequence[
         "seeds": list(seeds), "captions_per_shard": config.captions_per_shard,
         "image_format": config.image_format, "save_size": config.save_size,
         "jpeg_quality": config.jpeg_quality if reencodes_jpeg else None,
+        # Recorded when not the default only: output made before the key existed used it.
+        **({"max_image_pixels": config.max_image_pixels}
+           if config.max_image_pixels != DEFAULT_MAX_IMAGE_PIXELS else {}),
         shard_plan.ORDER_KEY: shard_plan.order_info(),
     }
 
@@ -262,7 +319,7 @@ def _remove_stale_temp_files(output_dir: str, todo, process_index: int) -> None:
 def _import_shards(config, todo, seeds: Sequence[int]) -> int:
     """Writes the shards of `todo` (name, groups); returns how many it wrote."""
     written = 0
-    with concurrent.futures.ThreadPoolExecutor(config.num_workers) as pool:
+    with _own_pixel_limit(), concurrent.futures.ThreadPoolExecutor(config.num_workers) as pool:
         bar = tqdm(total=sum(len(chunk) for _, chunk in todo), desc="import", unit="caption",
                    mininterval=2.0)
         for name, chunk in todo:

@@ -422,3 +422,72 @@ def test_non_utf8_csv_or_caption_file_is_named_with_its_line(tmp_path):
     with pytest.raises(ValueError, match=r"caption file .*group1/caption.txt:2 is not UTF-8"):
         import_images.run(_config(str(out), folder=str(folder)))
     assert not out.exists()
+
+
+def _huge_png(side: int) -> bytes:
+    """A side x side 1-bit black PNG, written by hand: a few hundred KB on disk, 400 million
+    pixels at side 20000 (PIL would need 1.2 GB to build it as RGB)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    row = b"\0" * (1 + (side + 7) // 8)                  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_sized_png_is_an_image_problem(tmp_path):
+    """A 20000x20000 PNG used to raise PIL's DecompressionBombError out of the job (no path
+    named, shard 0 left without manifest or missing.txt). It is an unreadable image: skipped
+    with skip_caption, fatal with error; either way named, and never decoded."""
+    csv_path, roots = _reference_layout(str(tmp_path / "src"))
+    huge = os.path.join(roots[1], "part0", "0003.png")
+    with open(huge, "wb") as f:
+        f.write(_huge_png(20000))
+    out = str(tmp_path / "skip")
+    manifest = import_images.run(_config(out, csv=csv_path, roots=",".join(roots),
+                                         on_missing="skip_caption"))
+    assert manifest["num_captions"] == 9 and manifest["complete"]
+    report = _read_bytes(os.path.join(out, import_images.MISSING_REPORT)).decode()
+    assert f"{huge}: cannot be read as an image (20000x20000 = 400000000 pixels, above " \
+           "max_image_pixels=178956970; PNG cannot be decoded at reduced size" in report
+    with pytest.raises(ValueError, match=rf"{re.escape(huge)}: cannot be read as an image "
+                                         r"\(20000x20000"):
+        import_images.run(_config(str(tmp_path / "error"), csv=csv_path, roots=",".join(roots)))
+    # The limit is a config key; PIL's own limit is back in place after the job.
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485
+    with pytest.raises(import_images.ImageProblem, match="0003.png: cannot be read"):
+        import_images.prepare_image(_read_bytes(huge), huge, max_pixels=10 ** 9)
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_size(tmp_path):
+    """Above max_image_pixels a JPEG is decoded at 1/2, 1/4 or 1/8 size (the largest that
+    fits) and re-encoded; a PNG above it is skipped and named."""
+    csv_path, roots = _reference_layout(str(tmp_path / "src"))
+    big = os.path.join(roots[0], "part0", "0000.jpg")            # JPEG rows are the even ones
+    with open(big, "wb") as f:
+        f.write(_image(0, 0, "JPEG", size=(400, 200)))
+    out = str(tmp_path / "out")
+    manifest = import_images.run(_config(out, csv=csv_path, roots=",".join(roots),
+                                         max_image_pixels=20_000, on_missing="skip_caption"))
+    recs = {r.caption_id: r for name in manifest["shards"]
+            for r in records.read_records(os.path.join(out, name))}
+    assert 0 in recs and Image.open(io.BytesIO(recs[0].images[0])).size == (200, 100)
+    assert recs[0].images[1] == _read_bytes(os.path.join(roots[1], "part0", "0000.jpg"))
+    assert manifest["num_captions"] == 10                      # 28x20 images are below it
+    with pytest.raises(ValueError, match=r"max_image_pixels=0: must be >= 1"):
+        import_images.run(_config(str(tmp_path / "zero"), csv=csv_path, roots=",".join(roots),
+                                  max_image_pixels=0))
+    with pytest.raises(import_images.ImageProblem,
+                       match=r"x.png: cannot be read as an image \(400x200 = 80000 pixels, "
+                             r"above max_image_pixels=20000; PNG cannot be decoded"):
+        import_images.prepare_image(_image(0, 0, "PNG", size=(400, 200)), "x.png",
+                                    max_pixels=20_000)
+    with pytest.raises(import_images.ImageProblem, match=r"even 1/8 of it is larger"):
+        import_images.prepare_image(_image(0, 0, "JPEG", size=(400, 200)), "x.jpg",
+                                    max_pixels=1000)
