@@ -85,9 +85,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"     # compute dtype; params stay float32
     c.model.remat = False          # recompute each transformer block in the backward pass:
                                    # less memory for ~1/3 more FLOPs (benchmarks/memory.py)
-    c.model.attention = "einsum"   # ViT attention: einsum, dot_product (jax.nn's) or cudnn
-                                   # (fused; NVIDIA GPUs, bf16). einsum until
-                                   # benchmarks/accelerator.py measures another one faster
+    c.model.attention = "auto"     # both towers' attention: auto (the measured best per
+                                   # platform: cudnn on NVIDIA GPUs, xla elsewhere), einsum (our
+                                   # reference math), xla (= dot_product, jax.nn's) or cudnn
+                                   # (fused; NVIDIA GPUs, bf16). Safe to change on resume
+    c.model.attention_pad_to = 2   # pad the tokens (197, 77) to a multiple of this for every
+                                   # kind but einsum, padded keys masked: cuDNN has no backward
+                                   # pass for odd lengths. 1: no padding
     c.model.add_language = False   # StableRep++
     c.model.text_width = 512
     c.model.text_depth = 12

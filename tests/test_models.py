@@ -79,8 +79,9 @@ def test_vit_rejects_wrong_image_size():
         vit.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
 
 
-# model.attention: "einsum" (our own) or jax.nn.dot_product_attention ("dot_product": JAX picks
-# the kernel; "cudnn": cuDNN's fused attention, GPU only). Same numbers, same gradients.
+# model.attention: "einsum" (our own) or jax.nn.dot_product_attention ("dot_product" = "xla":
+# XLA's path; "cudnn": cuDNN's fused attention, GPU only; "auto": per platform). Same numbers,
+# same gradients (the padded path: tests/test_attention.py).
 
 
 def _vit_loss_and_grads(attention):
@@ -107,7 +108,8 @@ def test_dot_product_attention_gives_the_same_loss_and_gradients_as_einsum():
 
 
 @pytest.mark.parametrize("attention,calls,implementation", [
-    ("einsum", 0, None), ("dot_product", 2, None), ("cudnn", 2, "cudnn")])
+    ("einsum", 0, None), ("dot_product", 2, "xla"), ("xla", 2, "xla"), ("cudnn", 2, "cudnn"),
+    ("auto", 2, "xla")])   # auto on a CPU: XLA
 def test_attention_choice_reaches_every_block(monkeypatch, attention, calls, implementation):
     """Each block calls jax.nn.dot_product_attention exactly when asked to, with the kernel
     asked for (cuDNN is recorded, not run: this is a CPU; the spy computes with XLA)."""
@@ -138,7 +140,7 @@ def test_build_model_passes_model_attention_to_the_vit(monkeypatch):
     trace(build_model(tiny_model_config()))
     assert seen == []                                   # einsum by default
     trace(build_model(tiny_model_config(attention="dot_product")))
-    assert seen == [None, None]                         # every block of the 2-block ViT
+    assert seen == ["xla", "xla"]                       # every block of the 2-block ViT
 
 
 def test_attention_rejects_unknown_names_and_cudnn_without_bfloat16():

@@ -16,6 +16,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
@@ -31,8 +32,12 @@ def resolve(implementation: str, platform: Optional[str] = None) -> str:
         raise ValueError(f"attention={implementation!r}: choose one of {IMPLEMENTATIONS}")
     if implementation != "auto":
         return implementation
-    platform = platform or jax.default_backend()
-    return MEASURED_BEST.get(platform, "xla")
+    return MEASURED_BEST.get(platform or default_platform(), "xla")
+
+
+def default_platform() -> str:
+    """The platform `auto` resolves for: JAX's default backend ("cpu", "gpu", "tpu")."""
+    return jax.default_backend()
 
 
 def cudnn_limits(head_dim: int, dtype) -> Optional[str]:
@@ -73,6 +78,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla"
     n = q.shape[0]
     out = jax.nn.dot_product_attention(
         _pad_tokens(q, pq), _pad_tokens(k, pk), _pad_tokens(v, pk), is_causal=is_causal,
-        query_seq_lengths=jnp.full((n,), lq, jnp.int32),
-        key_value_seq_lengths=jnp.full((n,), lk, jnp.int32), implementation=kind)
+        query_seq_lengths=np.full((n,), lq, np.int32),     # constants, not traced values
+        key_value_seq_lengths=np.full((n,), lk, np.int32), implementation=kind)
     return out[:, :lq]

@@ -53,18 +53,21 @@ class StableRepModel(nn.Module):
     logit_scale_init: float = 1.0 / 0.07
     dtype: Any = jnp.float32
     remat: bool = False      # rematerialise every transformer block (image and text towers)
-    attention: str = "einsum"   # the ViT's attention kernel (vit.ATTENTION_IMPLEMENTATIONS)
+    attention: str = "einsum"   # both towers' attention kernel (vit.ATTENTION_IMPLEMENTATIONS)
+    attention_pad_to: int = 1   # pad tokens to a multiple of this for the kernel (not einsum)
 
     def setup(self):
         self.visual = VisionTransformer(self.width, self.depth, self.num_heads, self.patch_size,
                                         self.image_size, dtype=self.dtype, remat=self.remat,
-                                        attention=self.attention)
+                                        attention=self.attention,
+                                        attention_pad_to=self.attention_pad_to)
         self.image_mlp = ProjectionHead(self.mlp_dim, self.emb_dim, self.dtype)
         if not self.add_language:
             return
         self.text = TextTransformer(self.vocab_size, self.context_length, self.text_width,
                                     self.text_depth, self.text_heads, self.dtype,
-                                    remat=self.remat)
+                                    remat=self.remat, attention=self.attention,
+                                    attention_pad_to=self.attention_pad_to)
         if self.vl_projection == "linear":
             self.image_projection = self.param(
                 "image_projection", nn.initializers.normal(self.width ** -0.5),
@@ -137,7 +140,8 @@ def build_model(model_config: Mapping) -> StableRepModel:
     checkpoint stores it (`image_size` included: the ViT's position embedding depends on it).
 
     Resolves `variant` to (width, depth, heads), applies `depth` > 0 as an override, maps
-    the `dtype` string to a compute dtype (params stay float32) and reads `remat` (default off).
+    the `dtype` string to a compute dtype (params stay float32) and reads `remat` (default off),
+    `attention` (default einsum, as checkpoints written before the key) and `attention_pad_to`.
     """
     variant = _get(model_config, "variant")
     if variant not in VIT_VARIANTS:
@@ -161,4 +165,5 @@ def build_model(model_config: Mapping) -> StableRepModel:
         vocab_size=int(language["vocab_size"]), vl_projection=str(language["vl_projection"]),
         embed_dim=int(language["embed_dim"]), logit_scale_init=float(language["logit_scale_init"]),
         dtype=DTYPES[dtype_name], remat=bool(_get(model_config, "remat", False)),
-        attention=str(_get(model_config, "attention", "einsum")))
+        attention=str(_get(model_config, "attention", "einsum")),
+        attention_pad_to=_get(model_config, "attention_pad_to", 1))

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from stablerep_jax.models.vit import (KeyMap, attention, layer_norm_entries, linear_entries,
-                                      torch_bias_init)
+from stablerep_jax.models.vit import (KeyMap, attend, check_attention, layer_norm_entries,
+                                      linear_entries, torch_bias_init)
 
 Dtype = Any
 
@@ -44,6 +44,8 @@ class CausalSelfAttention(nn.Module):
     num_heads: int
     depth: int                  # of the whole tower, for CLIP's output-projection init scale
     dtype: Dtype = jnp.float32
+    attention: str = "einsum"   # model.attention (vit.ATTENTION_IMPLEMENTATIONS), causal here
+    pad_to: int = 1             # model.attention_pad_to
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -55,8 +57,8 @@ class CausalSelfAttention(nn.Module):
         qkv = nn.Dense(3 * width, dtype=self.dtype, name="in_proj",
                        kernel_init=nn.initializers.normal(attn_std))(x)
         qkv = qkv.reshape(n, length, 3, self.num_heads, width // self.num_heads)
-        causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal[None, None])
+        out = attend(self.attention, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=True,
+                     pad_to=self.pad_to)
         return nn.Dense(width, dtype=self.dtype, name="out_proj",
                         kernel_init=nn.initializers.normal(proj_std))(out.reshape(n, length, width))
 
@@ -66,10 +68,13 @@ class ResidualAttentionBlock(nn.Module):
     num_heads: int
     depth: int
     dtype: Dtype = jnp.float32
+    attention: str = "einsum"
+    attention_pad_to: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + CausalSelfAttention(self.num_heads, self.depth, self.dtype, name="attn")(
+        x = x + CausalSelfAttention(self.num_heads, self.depth, self.dtype, self.attention,
+                                    self.attention_pad_to, name="attn")(
             _layer_norm("ln_1", self.dtype)(x))
         return x + _TextMlp(self.depth, self.dtype, name="mlp")(_layer_norm("ln_2", self.dtype)(x))
 
@@ -101,12 +106,15 @@ class TextTransformer(nn.Module):
     num_heads: int = 8
     dtype: Dtype = jnp.float32
     remat: bool = False   # recompute each block's activations in the backward pass
+    attention: str = "einsum"   # model.attention, as the ViT's (with a causal mask)
+    attention_pad_to: int = 1   # model.attention_pad_to (77 tokens are odd as well)
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(f"text tokens must be [B, L<={self.context_length}], "
                              f"got {tokens.shape}")
+        check_attention(self.attention, self.dtype, self.attention_pad_to)
         length = tokens.shape[1]
         x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="token_embedding",
                      embedding_init=nn.initializers.normal(0.02))(tokens)
@@ -115,7 +123,8 @@ class TextTransformer(nn.Module):
         x = x + pos[:length].astype(self.dtype)
         block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
         for i in range(self.depth):
-            x = block(self.num_heads, self.depth, self.dtype, name=f"resblocks_{i}")(x)
+            x = block(self.num_heads, self.depth, self.dtype, self.attention,
+                      self.attention_pad_to, name=f"resblocks_{i}")(x)
         x = _layer_norm("ln_final", self.dtype)(x)
         return x[jnp.arange(x.shape[0]), jnp.argmax(tokens, axis=-1)]
 

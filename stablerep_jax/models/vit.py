@@ -21,13 +21,15 @@ its parameters so that every timm tensor has exactly one Flax counterpart:
 """
 from __future__ import annotations
 
-import functools
+import numbers
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+
+from stablerep_jax.models import attention as attention_lib
 
 # (width, depth, heads) of timm's vit_{variant}_patch16_224.
 VIT_VARIANTS = {
@@ -93,25 +95,47 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
-# model.attention -> the function every ViT block calls. "einsum" stays the default until an
-# accelerator run (benchmarks/accelerator.py) shows another one faster.
-ATTENTION_IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
-    "einsum": attention,
-    "dot_product": dot_product_attention,
-    "cudnn": functools.partial(dot_product_attention, implementation="cudnn"),
+# model.attention -> the `attention.attend` implementation every block calls (None: our own
+# einsum `attention`, the reference math). "dot_product" is the older name of "xla"; "auto"
+# resolves per platform (`attention.MEASURED_BEST`: cuDNN on NVIDIA GPUs, XLA elsewhere) and
+# falls back to XLA where cuDNN's limits (bf16/fp16, head_dim) do not allow it.
+ATTENTION_IMPLEMENTATIONS: dict[str, Optional[str]] = {
+    "einsum": None,
+    "dot_product": "xla",
+    "xla": "xla",
+    "cudnn": "cudnn",
+    "auto": "auto",
 }
 
 
-def check_attention(name: str, dtype: Dtype) -> None:
-    """Raises a ValueError naming model.attention for an unknown name or a dtype cuDNN lacks."""
+def check_attention(name: str, dtype: Dtype, pad_to: int = 1) -> None:
+    """Raises a ValueError naming model.attention for an unknown name or a dtype cuDNN lacks,
+    and naming model.attention_pad_to for a pad multiple below 1."""
     if name not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"model.attention={name!r}; choose one of "
                          f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
     if name == "cudnn" and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16),
                                                     jnp.dtype(jnp.float16)):
         raise ValueError(f"model.attention='cudnn' needs model.dtype bfloat16 (cuDNN's fused "
-                         f"attention has no {jnp.dtype(dtype).name} kernel); use 'einsum' or "
-                         f"'dot_product' for {jnp.dtype(dtype).name}")
+                         f"attention has no {jnp.dtype(dtype).name} kernel); use 'auto', "
+                         f"'einsum' or 'xla' for {jnp.dtype(dtype).name}")
+    if isinstance(pad_to, bool) or not isinstance(pad_to, numbers.Integral) or pad_to < 1:
+        raise ValueError(f"model.attention_pad_to={pad_to!r}: must be an integer >= 1 (the "
+                         "token count is padded up to a multiple of it; 1 pads nothing)")
+
+
+def attend(name: str, q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+           pad_to: int = 1) -> jax.Array:
+    """Attention of [N, L, H, d] inputs with the kernel `name` (a key of
+    ATTENTION_IMPLEMENTATIONS). `causal` hides each token's successors (the text tower).
+    `pad_to` pads the tokens to a multiple of it, the padded keys masked (cuDNN has no backward
+    pass for odd lengths such as the ViT's 197); einsum never pads."""
+    implementation = ATTENTION_IMPLEMENTATIONS[name]
+    if implementation is None:
+        length = q.shape[1]
+        mask = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None] if causal else None
+        return attention(q, k, v, mask)
+    return attention_lib.attend(q, k, v, implementation, is_causal=causal, pad_to=pad_to)
 
 
 class Attention(nn.Module):
@@ -119,6 +143,7 @@ class Attention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     implementation: str = "einsum"   # a key of ATTENTION_IMPLEMENTATIONS
+    pad_to: int = 1                  # model.attention_pad_to (not for einsum)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -128,8 +153,8 @@ class Attention(nn.Module):
         qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=_trunc_normal_02, name="qkv")(x)
         # timm reshapes qkv to [N, L, 3, heads, head_dim]: q, k, v are contiguous thirds.
         qkv = qkv.reshape(n, length, 3, self.num_heads, width // self.num_heads)
-        attend = ATTENTION_IMPLEMENTATIONS[self.implementation]
-        out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        out = attend(self.implementation, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                     pad_to=self.pad_to)
         out = out.reshape(n, length, width)
         return nn.Dense(width, dtype=self.dtype, kernel_init=_trunc_normal_02, name="proj")(out)
 
@@ -158,11 +183,13 @@ class Block(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
     attention: str = "einsum"
+    attention_pad_to: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
+        attn = Attention(self.num_heads, self.dtype, self.attention, self.attention_pad_to,
+                         name="attn")
         x = x + attn(_layer_norm("norm1", self.dtype)(x))
         hidden = int(width * self.mlp_ratio)
         return x + Mlp(hidden, self.dtype, name="mlp")(_layer_norm("norm2", self.dtype)(x))
@@ -183,6 +210,7 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False   # recompute each block's activations in the backward pass (less memory)
     attention: str = "einsum"   # model.attention: a key of ATTENTION_IMPLEMENTATIONS
+    attention_pad_to: int = 1   # model.attention_pad_to: pad the tokens to a multiple of it
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -192,7 +220,7 @@ class VisionTransformer(nn.Module):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
                              f"{self.patch_size}")
-        check_attention(self.attention, self.dtype)
+        check_attention(self.attention, self.dtype, self.attention_pad_to)
         fan_in = 3 * self.patch_size * self.patch_size
         x = nn.Conv(self.width, (self.patch_size, self.patch_size),
                     strides=(self.patch_size, self.patch_size), padding="VALID",
@@ -210,7 +238,7 @@ class VisionTransformer(nn.Module):
         block = nn.remat(Block) if self.remat else Block   # same parameter tree either way
         for i in range(self.depth):
             x = block(self.num_heads, self.mlp_ratio, self.dtype, self.attention,
-                      name=f"blocks_{i}")(x)
+                      self.attention_pad_to, name=f"blocks_{i}")(x)
         x = _layer_norm("norm", self.dtype)(x)
         return x[:, 0]
 
