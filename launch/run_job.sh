@@ -12,7 +12,6 @@
 # resumes from the job's --workdir.
 set -euo pipefail
 
-EXIT_RESUME=75   # stablerep_jax/cli.py EXIT_RESUME
 PYTHON=${PYTHON:-python3}
 job=${1:?usage: run_job.sh JOB [JOB_FLAGS...]}
 shift
@@ -33,9 +32,9 @@ if [[ $JAX_CLUSTER == skypilot && ${#ips[@]} -gt 1 ]]; then
            "--num_processes=${#ips[@]}" "--process_id=${SKYPILOT_NODE_RANK:?SKYPILOT_NODE_RANK is not set}")
 fi
 
-rc=0
-"$PYTHON" -m "stablerep_jax.$job" "$@" "${cluster[@]}" || rc=$?
-if ((rc == EXIT_RESUME)); then
-  echo "run_job.sh: $job stopped early to be resumed (exit $EXIT_RESUME); a rerun of this command resumes" >&2
-fi
-exit "$rc"
+# exec: the job takes this process's place (same pid, same process group). A SIGTERM sent to
+# this script, or to its whole process group as systemd, containers and some schedulers send it,
+# reaches the job exactly once, and the job's own exit code (75 = stablerep_jax.cli.EXIT_RESUME
+# after saving) is what the caller sees; a shell left waiting would die of the signal and report
+# 143. The job itself logs "stopped early to be resumed (exit code 75)" (stablerep_jax.cli).
+exec "$PYTHON" -m "stablerep_jax.$job" "$@" "${cluster[@]}"

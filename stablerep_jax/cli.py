@@ -157,7 +157,11 @@ def call_main(main: Callable, config) -> int:
     except Exception as e:  # any fatal error of the job: log it, then exit promptly (finish)
         logging.exception("fatal error: %s: %s", type(e).__name__, e)
         return EXIT_FAILED
-    return EXIT_OK if code is None else int(code)
+    code = EXIT_OK if code is None else int(code)
+    if code == EXIT_RESUME:     # said by every job, whatever runs it (launch/run_job.sh execs it)
+        logging.warning("stopped early to be resumed (exit code %d): rerun the same command "
+                        "to resume", EXIT_RESUME)
+    return code
 
 
 def run(main: Callable, default_config: str | None = None) -> None:

@@ -48,8 +48,11 @@ def test_exit_code_of_main_comes_through(tmp_path):
         def main(config):
             return cli.EXIT_RESUME if config.value == 2 else None
     """)
-    assert _run(script)[0] == 0
-    assert _run(script, "--config.value=2")[0] == cli.EXIT_RESUME == 75
+    code, output, _ = _run(script)
+    assert code == 0 and "stopped early to be resumed" not in output
+    code, output, _ = _run(script, "--config.value=2")
+    assert code == cli.EXIT_RESUME == 75
+    assert "stopped early to be resumed (exit code 75): rerun the same command" in output
 
 
 def test_error_with_a_stuck_thread_exits_promptly_and_nonzero(tmp_path):

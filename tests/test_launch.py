@@ -15,9 +15,11 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -236,7 +238,7 @@ def test_run_exits_with_the_job_s_code(name, fake_python3):
     for code in (0, EXIT_RESUME, 1):
         result = run_task(task, env, FAKE_JOB_EXITS=str(code))
         assert result.returncode == code, result.stderr
-        assert ("stopped early to be resumed" in result.stderr) == (code == EXIT_RESUME)
+        # The job says "stopped early to be resumed" itself (cli): run_job.sh execs it.
         (records / "runs.jsonl").unlink()
 
 
@@ -294,6 +296,64 @@ def test_one_gpu_node_and_tpu_pods_get_no_coordinator_flags(fake_python3):
     for run in fake_runs(records):
         assert not any(a.startswith(("--coordinator_address", "--num_processes", "--process_id"))
                        for a in run["argv"]), run["argv"]
+
+
+# A stand-in job that stops like train on SIGTERM: it records each SIGTERM it gets in
+# FAKE_RECORD_DIR/signals, waits a moment for more, and exits 75.
+SIGTERM_PYTHON = f"""#!{sys.executable}
+import os, signal, sys, time
+if sys.argv[1:3] == ["-m", "stablerep_jax.jobs"]:
+    os.environ["PYTHONPATH"] = {str(REPO)!r}
+    os.execv({sys.executable!r}, [{sys.executable!r}] + sys.argv[1:])
+out = os.environ["FAKE_RECORD_DIR"]
+got = []
+def on_term(signum, frame):
+    got.append(signum)
+    with open(os.path.join(out, "signals"), "a") as f:
+        f.write("TERM\\n")
+signal.signal(signal.SIGTERM, on_term)
+open(os.path.join(out, "ready"), "w").close()
+deadline = time.monotonic() + 60
+while not got and time.monotonic() < deadline:
+    time.sleep(0.02)
+time.sleep(0.5)          # a second SIGTERM (a forwarded copy) would arrive by now
+sys.exit(75)
+"""
+
+
+@pytest.mark.parametrize("how", ["run_job.sh", "task run:"])
+def test_a_process_group_sigterm_keeps_exit_75(how, tmp_path):
+    """systemd, containers and some schedulers SIGTERM the whole process group. The shell used
+    to die of it (143, which recover_on_exit_codes [75] never matches) while the job saved and
+    exited 75; now the job replaces the shells (exec), gets the signal exactly once, and its 75
+    is what the caller sees."""
+    bin_dir = tmp_path / "fakebin"
+    write_exe(bin_dir / "python3", SIGTERM_PYTHON)
+    records = tmp_path / "records"
+    records.mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_RECORD_DIR": str(records)}
+    for key in ("SKYPILOT_NODE_IPS", "SKYPILOT_NODE_RANK", "JAX_CLUSTER"):
+        env.pop(key, None)
+    if how == "run_job.sh":
+        command = ["bash", "launch/run_job.sh", "train", "--workdir=/w"]
+    else:                            # the task's run: as SkyPilot hands it to bash
+        config = yaml.safe_load((LAUNCH / "train_tpu.yaml").read_text())
+        env.update({k: str(VALUES.get(k, v or "")) for k, v in config["envs"].items()})
+        command = ["bash", "-c", config["run"]]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (records / "ready").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_RESUME, err
+    assert (records / "signals").read_text() == "TERM\n"      # once, not forwarded twice
 
 
 @pytest.mark.parametrize("job, arg", [("knn", "--workdir=/w"), ("linear_probe", "--workdir=/w"),
