@@ -20,9 +20,11 @@ setup(
         "tensorflow-cpu>=2.16",
         "tensorflow-datasets>=4.9",
         "tensorboard",
-        # Flax classes are removed in diffusers 0.40 and transformers 5.
-        "diffusers>=0.30,<0.40",
-        "transformers>=4.40,<5",
+        # Stable Diffusion runs on our own Flax modules (stablerep_jax/generation/sd), reading
+        # the diffusers folders' safetensors; transformers only for CLIPTokenizer (kept in v5).
+        "transformers>=4.40",
+        "safetensors>=0.4",
+        "huggingface_hub",
         "pillow",
         "matplotlib>=3.7",      # figures (report.py), drawn on the Agg canvas
         "tqdm",
@@ -33,7 +35,8 @@ setup(
         "torch": ["torch>=2.1"],
         # pytest-xdist >= 3.2 (worksteal): the README's test command runs three workers on two
         # cores (tests wait on subprocesses and compiles); tests load launch/*.yaml with sky.Task.
+        # diffusers' PyTorch pipeline is the parity oracle of our Flax Stable Diffusion.
         "test": ["pytest>=7", "pytest-timeout", "pytest-xdist>=3.2", "torch>=2.1", "torchvision",
-                 "timm>=0.9", "skypilot>=0.14"],
+                 "timm>=0.9", "skypilot>=0.14", "diffusers>=0.30"],
     },
 )

@@ -29,10 +29,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     preset = parse_preset(arg, PRESETS, default="sd15")
     c = ml_collections.ConfigDict()
     c.model = "stable-diffusion-v1-5/stable-diffusion-v1-5"   # hub id or local diffusers dir
-    c.from_pt = False            # load PyTorch weights (diffusion_pytorch_model.bin; `torch` extra)
     c.dtype = "bfloat16"         # params and compute: bfloat16 / float16 / float32
-    c.safety_checker = False     # NSFW-blacked images would poison training
-    c.split_head_dim = False     # diffusers' faster attention layout on GPU
+    # Attention kernel: auto (measured best per platform), xla, cudnn (NVIDIA, where its limits
+    # allow). The weights are read from the folder's PyTorch safetensors (.bin if that is all).
+    c.attention = "auto"
 
     c.captions = config_dict.placeholder(str)     # .txt (one per line) or .csv/.tsv
     c.caption_column = "caption"                 # for .csv/.tsv

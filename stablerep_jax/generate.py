@@ -37,8 +37,8 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-# diffusers loads PyTorch's triton when PyTorch is installed; triton's bundled LLVM crashes when
-# it loads after TensorFlow's, so the sampler (diffusers) is imported before records (TF).
+# transformers (the CLIP tokenizer) loads PyTorch when it is installed; PyTorch's triton crashes
+# when its bundled LLVM loads after TensorFlow's, so the sampler is imported before records (TF).
 from stablerep_jax.generation import sampler as sampler_lib  # noqa: I001  isort: skip
 
 import jax
@@ -115,8 +115,7 @@ def is_finished(output_dir: str, shard: Shard) -> bool:
 def settings_of(config, captions: captions_lib.Captions) -> dict:
     """Every config value an image or the shard layout depends on (not batch or devices)."""
     return {
-        "model": config.model, "from_pt": config.from_pt, "dtype": config.dtype,
-        "safety_checker": config.safety_checker,
+        "model": config.model, "dtype": config.dtype,
         "captions_sha256": captions.fingerprint(), "num_captions": len(captions),
         "images_per_caption": config.images_per_caption, "seed": config.seed,
         "num_inference_steps": config.num_inference_steps,
@@ -174,7 +173,7 @@ def _summary_name(index: int, count: int) -> str:
 
 # Counts that add up over the runs of one output directory (one entry of summary["runs"] each).
 _SUMMED = ("images", "captions", "shards_written", "seconds", "truncated_captions",
-           "unsafe_images", "compile_seconds", "wall_seconds")
+           "compile_seconds", "wall_seconds")
 
 
 def earlier_runs(summary_path: str) -> list[dict]:
@@ -295,8 +294,7 @@ def generate_shards(sampler: sampler_lib.Sampler, shards: Sequence[Shard], confi
     def counts() -> dict:
         return {"images": stats["captions"] * k, "captions": stats["captions"],
                 "shards_written": stats["shards"], "seconds": time.perf_counter() - start,
-                "truncated_captions": stats["truncated_captions"],
-                "unsafe_images": stats["unsafe_images"]}
+                "truncated_captions": stats["truncated_captions"]}
 
     def written(shard: Shard) -> None:
         stats["shards"] += 1
@@ -312,11 +310,6 @@ def generate_shards(sampler: sampler_lib.Sampler, shards: Sequence[Shard], confi
     def finish(batch_items, handle):
         images, n = handle
         images = np.asarray(images)[:n]
-        unsafe = sampler.unsafe(images)
-        if unsafe.any():
-            images = images.copy()
-            images[unsafe] = 0
-            stats["unsafe_images"] += int(unsafe.sum())
         for (shard, _, _), image in zip(batch_items, images):
             writer.add(shard, image)
         bar.update(n)
@@ -447,7 +440,7 @@ def run(config, *, sampler: sampler_lib.Sampler | None = None,
         fileio.write_json_atomic(settings_path, settings)
 
     stats = {"images": 0, "captions": 0, "shards_written": 0, "seconds": 0.0,
-             "truncated_captions": 0, "unsafe_images": 0}
+             "truncated_captions": 0}
     if todo:
         if sampler is None:
             devices = jax.local_devices()
@@ -455,8 +448,7 @@ def run(config, *, sampler: sampler_lib.Sampler | None = None,
                 devices = devices[:config.num_devices]
             sampler = sampler_lib.make_sampler(
                 config.model, sampling_settings(config), devices=devices,
-                per_device_batch=config.per_device_batch, from_pt=config.from_pt,
-                safety_checker=config.safety_checker, split_head_dim=config.split_head_dim)
+                per_device_batch=config.per_device_batch, attention=config.attention)
         elif sampler.settings != sampling_settings(config) or sampler.model != config.model:
             raise ValueError(f"the given sampler ({sampler.model!r}, {sampler.settings}) does not "
                              f"match the config ({config.model!r}, {sampling_settings(config)})")

@@ -1,10 +1,9 @@
 """Stable Diffusion sampling across the local devices, one compiled function per batch shape.
 
-We load the diffusers Flax pipeline (`FlaxStableDiffusionPipeline.from_pretrained`) for its
-modules and weights, but run our own sampling loop around them instead of the pipeline's
-`jit=True` pmap: the pipeline draws every latent of a batch from one PRNG key, so an image
-would depend on its batch position, the batch size and the device count. Here each image's
-initial latent comes from its own key,
+The model is our own Flax text encoder, UNet and VAE decoder (`generation/sd/`), loaded from a
+diffusers pipeline folder's PyTorch weights, with our own schedulers. Each image's initial latent
+comes from its own key (diffusers' pipelines draw a whole batch from one key, so an image would
+depend on its batch position, the batch size and the device count),
 
     key(image_seed, caption_id) = fold_in(PRNGKey(image_seed), caption_id)
 
@@ -28,25 +27,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging as std_logging
-import os
 import time
 from collections.abc import Sequence
 
-import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from diffusers import FlaxStableDiffusionPipeline
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from stablerep_jax.generation import captions as captions_lib
+from stablerep_jax.generation.sd import model as sd_model, schedulers
+from stablerep_jax.models import attention as attention_lib
 
 AXIS = "devices"
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 SCHEDULERS = ("ddim", "pndm", "dpm-solver")
 MAX_SEED = 2**31 - 1
+check_model = sd_model.check_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,137 +68,6 @@ class SamplingSettings:
             raise ValueError(f"resolution={self.resolution}: must be a positive multiple of 8")
 
 
-def _scheduler_class(name: str):
-    return {"ddim": diffusers.FlaxDDIMScheduler, "pndm": diffusers.FlaxPNDMScheduler,
-            "dpm-solver": diffusers.FlaxDPMSolverMultistepScheduler}[name]
-
-
-def check_model(model: str) -> None:
-    """A clear error for a local model path that is missing or not a diffusers directory.
-
-    Anything that does not look like a path (`org/name`) is left to the hub download."""
-    if not model:
-        raise ValueError("model is empty: set --config.model to a hub id or a local diffusers "
-                         "directory")
-    looks_local = (os.path.isabs(model) or model.startswith((".", "~"))
-                   or model.count("/") != 1 or os.path.exists(model))
-    if not looks_local:
-        return
-    path = os.path.expanduser(model)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model={model!r}: no such directory (give a local diffusers "
-                                "directory or a hub id such as "
-                                "stable-diffusion-v1-5/stable-diffusion-v1-5)")
-    if not os.path.exists(os.path.join(path, "model_index.json")):
-        raise FileNotFoundError(f"model={model!r}: not a diffusers pipeline directory "
-                                "(no model_index.json)")
-
-
-@dataclasses.dataclass(frozen=True)
-class SafetyChecker:
-    """Stable Diffusion's safety checker as data: CLIP vision config, params, preprocessor."""
-    vision_config: object
-    params: dict
-    feature_extractor: object
-
-
-def make_scheduler(name: str, config):
-    """The named Flax scheduler from a model's scheduler config, with the two fixes diffusers'
-    PyTorch StableDiffusionPipeline applies to every SD scheduler (the reference generated its
-    images with it): `steps_offset` 1 and no clipping of the predicted latent (DDIM's default
-    clip to [-1, 1] is for pixel-space models; SD v1 configs that omit it would get it)."""
-    config = dict(config)
-    config["steps_offset"] = 1
-    config["clip_sample"] = False
-    return _scheduler_class(name).from_config(config)
-
-
-def _model_folder(model: str, *parts: str) -> str:
-    """A sub-folder of a local model directory or of the hub snapshot (cached, offline-safe)."""
-    path = os.path.expanduser(model)
-    if not os.path.isdir(path):
-        from huggingface_hub import snapshot_download
-        path = snapshot_download(model, allow_patterns=[f"{p}/*" for p in parts])
-    return os.path.join(path, parts[0])
-
-
-def load_safety_checker(model: str) -> SafetyChecker:
-    """The model's `safety_checker/` (Flax weights) and `feature_extractor/`.
-
-    diffusers' Flax safety checker cannot even be constructed on current JAX (its init calls
-    `jnp.clip(a_min=...)`), so we read its config and weights ourselves and apply the same
-    rule in `nsfw_flags`."""
-    import flax.serialization
-    from transformers import CLIPConfig, CLIPImageProcessor
-
-    folder = _model_folder(model, "safety_checker", "feature_extractor")
-    weights = os.path.join(folder, "flax_model.msgpack")
-    if not os.path.exists(weights):
-        raise FileNotFoundError(f"safety_checker=True but model={model!r} has no Flax safety "
-                                f"checker weights ({weights} is missing)")
-    with open(weights, "rb") as f:
-        params = flax.serialization.msgpack_restore(f.read())
-    config = CLIPConfig.from_pretrained(folder)
-    extractor = CLIPImageProcessor.from_pretrained(
-        os.path.join(os.path.dirname(folder), "feature_extractor"))
-    return SafetyChecker(config.vision_config, params, extractor)
-
-
-def load_pipeline(model: str, settings: SamplingSettings, *, from_pt: bool = False,
-                  split_head_dim: bool = False):
-    """(pipeline, params) from a hub id or local diffusers directory, without its safety
-    checker (see `load_safety_checker`), params cast to `settings.dtype` (diffusers' own
-    to_bf16 uses the removed `jax.tree_map`), the scheduler swapped for `settings.scheduler`
-    with a float32 state."""
-    check_model(model)
-    dtype = DTYPES[settings.dtype]
-    # diffusers says it once per Flax class; our logs should carry our messages instead.
-    std_logging.getLogger("diffusers").setLevel(std_logging.ERROR)
-    try:
-        pipeline, params = FlaxStableDiffusionPipeline.from_pretrained(
-            os.path.expanduser(model), dtype=dtype, from_pt=from_pt,
-            split_head_dim=split_head_dim, safety_checker=None, feature_extractor=None)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise OSError(f"model={model!r}: cannot load a Flax Stable Diffusion pipeline "
-                      f"(from_pt={from_pt}): {e}") from e
-    scheduler = make_scheduler(settings.scheduler, pipeline.scheduler.config)
-    pipeline.scheduler = scheduler
-    params = dict(params)
-    params["scheduler"] = scheduler.create_state()
-
-    def cast(x):
-        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-
-    for name in ("unet", "vae", "text_encoder"):
-        params[name] = jax.tree_util.tree_map(cast, params[name])
-    return pipeline, params
-
-
-def nsfw_flags(vision_config, params, pixel_values):
-    """bool [n]: Stable Diffusion's safety-checker rule on CLIP image embeddings (cosine to 17
-    concept and 3 special-care embeddings above their thresholds; special care lowers the
-    concept thresholds by 0.01). diffusers' Flax checker computes the same but calls
-    `jnp.clip(a_min=...)`, which current JAX rejects, so the rule is evaluated here on its
-    params. `pixel_values` float [n, 3, H, W] from the pipeline's feature extractor."""
-    from transformers.models.clip.modeling_flax_clip import FlaxCLIPVisionModule
-
-    x = jnp.transpose(jnp.asarray(pixel_values, jnp.float32), (0, 2, 3, 1))
-    pooled = FlaxCLIPVisionModule(vision_config).apply({"params": params["vision_model"]}, x)[1]
-    embeds = pooled @ params["visual_projection"]["kernel"]
-
-    def cosine(a, b):
-        a = a / jnp.maximum(jnp.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-        b = b / jnp.maximum(jnp.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-        return a @ b.T
-
-    special = jnp.round(cosine(embeds, params["special_care_embeds"])
-                        - params["special_care_embeds_weights"][None, :], 3)
-    adjustment = jnp.any(special > 0, axis=1, keepdims=True) * 0.01
-    concept = jnp.round(cosine(embeds, params["concept_embeds"])
-                        - params["concept_embeds_weights"][None, :] + adjustment, 3)
-    return jnp.any(concept > 0, axis=1)
-
-
 def image_seeds(seed: int, num_images: int) -> list[int]:
     """The per-image seeds of a caption's K images (stored in the records' `seeds`)."""
     return [seed + k for k in range(num_images)]
@@ -212,47 +79,46 @@ def initial_latent(image_seed, caption_id, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.normal(key, shape, jnp.float32)
 
 
-def _device_program(pipeline, settings: SamplingSettings, latent_shape: tuple[int, int, int]):
+def _device_program(sd: sd_model.StableDiffusion, settings: SamplingSettings,
+                    latent_shape: tuple[int, int, int]):
     """The per-device sampling function: (params, ids [b, L], uncond ids [L], image seeds [b],
-    caption ids [b]) -> uint8 images [b, H, W, 3]."""
-    text_encoder, unet, vae, scheduler = (pipeline.text_encoder, pipeline.unet, pipeline.vae,
-                                          pipeline.scheduler)
+    caption ids [b]) -> uint8 images [b, H, W, 3]. Latents are NHWC inside (Flax convolutions);
+    they are drawn CHW (`initial_latent`, the layout diffusers' pipelines take) and transposed
+    once."""
     guided = settings.guidance_scale != 1.0
-    steps = settings.num_inference_steps
+    scheduler = schedulers.make_scheduler(settings.scheduler, sd.scheduler_config,
+                                          settings.num_inference_steps)
 
     def program(params, prompt_ids, uncond_ids, seeds, caption_ids):
-        cond = text_encoder(prompt_ids, params=params["text_encoder"])[0]
-        if guided:   # one UNet call on [uncond; cond], as the pipeline does
-            uncond = text_encoder(uncond_ids[None], params=params["text_encoder"])[0]
+        encode = functools.partial(sd.text_encoder.apply, {"params": params["text_encoder"]})
+        cond = encode(prompt_ids)
+        if guided:   # one UNet call on [uncond; cond], as diffusers' pipeline does
+            uncond = encode(uncond_ids[None])
             context = jnp.concatenate([jnp.broadcast_to(uncond, cond.shape), cond])
         else:
             context = cond
 
         latents = jax.vmap(functools.partial(initial_latent, shape=latent_shape))(seeds,
                                                                                 caption_ids)
-        state = scheduler.set_timesteps(params["scheduler"], num_inference_steps=steps,
-                                        shape=latents.shape)
-        latents = latents * state.init_noise_sigma
+        latents = latents.transpose(0, 2, 3, 1) * scheduler.init_noise_sigma
+        state = scheduler.init_state(latents)
 
-        def body(step, carry):
+        def body(i, carry):
             latents, state = carry
-            t = jnp.asarray(state.timesteps, jnp.int32)[step]
             x = jnp.concatenate([latents] * 2) if guided else latents
-            x = scheduler.scale_model_input(state, x, t)
-            noise = unet.apply({"params": params["unet"]}, x,
-                               jnp.broadcast_to(t, (x.shape[0],)),
-                               encoder_hidden_states=context).sample.astype(jnp.float32)
+            x = scheduler.scale_model_input(x, i)
+            t = jnp.broadcast_to(jnp.asarray(scheduler.timesteps)[i], (x.shape[0],))
+            noise = sd.unet.apply({"params": params["unet"]}, x.astype(sd.unet.dtype), t,
+                                  context).astype(jnp.float32)
             if guided:
                 uncond_noise, cond_noise = jnp.split(noise, 2)
                 noise = uncond_noise + settings.guidance_scale * (cond_noise - uncond_noise)
-            latents, state = scheduler.step(state, noise, t, latents).to_tuple()
-            return latents, state
+            return scheduler.step(state, i, noise, latents)
 
-        latents, _ = jax.lax.fori_loop(0, steps, body, (latents, state))
-        latents = latents / vae.config.scaling_factor
-        images = vae.apply({"params": params["vae"]}, latents.astype(vae.dtype),
-                           method=vae.decode).sample
-        images = (images.astype(jnp.float32) / 2 + 0.5).clip(0, 1).transpose(0, 2, 3, 1)
+        latents, _ = jax.lax.fori_loop(0, scheduler.num_steps, body, (latents, state))
+        latents = latents / sd.scaling_factor
+        images = sd.vae.apply({"params": params["vae"]}, latents.astype(sd.vae.dtype))
+        images = (images.astype(jnp.float32) / 2 + 0.5).clip(0, 1)
         return jnp.round(images * 255).astype(jnp.uint8)
 
     return program
@@ -266,46 +132,41 @@ class Sampler:
     image); `dispatch` is the asynchronous form for keeping the devices busy.
     """
 
-    def __init__(self, pipeline, params, settings: SamplingSettings, *,
-                 devices: Sequence | None = None, per_device_batch: int = 1,
-                 safety_checker: SafetyChecker | None = None):
+    def __init__(self, sd: sd_model.StableDiffusion, settings: SamplingSettings, *,
+                 devices: Sequence | None = None, per_device_batch: int = 1):
         settings.check()
         if per_device_batch < 1:
             raise ValueError(f"per_device_batch={per_device_batch}: must be >= 1")
-        self.pipeline = pipeline
+        self.sd = sd
         self.model: str | None = None     # set by make_sampler: where the weights came from
         self.settings = settings
         self.devices = list(devices if devices is not None else jax.local_devices())
         self.per_device_batch = per_device_batch
         self.batch_size = per_device_batch * len(self.devices)
-        self.tokenizer = pipeline.tokenizer
+        self.tokenizer = sd.tokenizer
         self.max_length = int(self.tokenizer.model_max_length)
-        factor = pipeline.vae_scale_factor
+        factor = sd.vae_scale_factor
         if settings.resolution % factor:
             raise ValueError(f"resolution={settings.resolution}: must be a multiple of the VAE "
                              f"scale factor {factor}")
         latent = settings.resolution // factor
-        unet_factor = 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
-        if latent % unet_factor:
+        if latent % sd.unet_scale_factor:
             raise ValueError(f"resolution={settings.resolution}: the latent size {latent} must be "
-                             f"a multiple of {unet_factor} for this UNet; use a multiple of "
-                             f"{factor * unet_factor}")
-        self.latent_shape = (pipeline.unet.config.in_channels, latent, latent)
+                             f"a multiple of {sd.unet_scale_factor} for this UNet; use a "
+                             f"multiple of {factor * sd.unet_scale_factor}")
+        self.latent_shape = (sd.latent_channels, latent, latent)
         self.image_shape = (settings.resolution, settings.resolution, 3)
 
         self.mesh = Mesh(np.array(self.devices), (AXIS,))
         self._replicated = NamedSharding(self.mesh, P())
         self._sharded = NamedSharding(self.mesh, P(AXIS))
-        self.safety_checker = safety_checker
-        self._safety_fn = None
-        self.params = jax.device_put(params, self._replicated)
+        self.params = jax.device_put(sd.params, self._replicated)
         uncond_ids, _ = captions_lib.tokenize(self.tokenizer, [settings.negative_prompt])
         self._uncond_ids = jax.device_put(uncond_ids[0], self._replicated)
         program = jax.shard_map(
-            _device_program(pipeline, settings, self.latent_shape), mesh=self.mesh,
+            _device_program(sd, settings, self.latent_shape), mesh=self.mesh,
             in_specs=(P(), P(AXIS), P(), P(AXIS), P(AXIS)), out_specs=P(AXIS),
-            # No collectives here; the schedulers' zero-initialised states would otherwise need
-            # per-field `pcast`s to enter the loop as per-device ("varying") values.
+            # No collectives: every device samples its own images.
             check_vma=False)
         self._jitted = jax.jit(program)
         self._compiled = None
@@ -326,18 +187,6 @@ class Sampler:
             logging.info("compiled the sampler for %d devices x %d images in %.1f s",
                          len(self.devices), self.per_device_batch, self.compile_seconds)
         return self.compile_seconds
-
-    def unsafe(self, images: np.ndarray) -> np.ndarray:
-        """bool [n]: the images the safety checker flags (all False without one)."""
-        checker = self.safety_checker
-        if checker is None or len(images) == 0:
-            return np.zeros(len(images), bool)
-        from PIL import Image
-        if self._safety_fn is None:
-            self._safety_fn = jax.jit(functools.partial(nsfw_flags, checker.vision_config))
-        features = checker.feature_extractor(
-            [Image.fromarray(im) for im in images], return_tensors="np").pixel_values
-        return np.asarray(self._safety_fn(checker.params, features), bool)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         return captions_lib.tokenize(self.tokenizer, texts)
@@ -378,14 +227,17 @@ class Sampler:
 
 
 def make_sampler(model: str, settings: SamplingSettings, *, devices: Sequence | None = None,
-                 per_device_batch: int = 1, from_pt: bool = False,
-                 safety_checker: bool = False, split_head_dim: bool = False) -> Sampler:
-    """Loads the model and builds a `Sampler` for it (compiled on first use)."""
+                 per_device_batch: int = 1, attention: str = "auto") -> Sampler:
+    """Loads the model (params in `settings.dtype`) and builds a `Sampler` for it (compiled on
+    first use). `attention`: "auto" (the measured best for the devices' platform), "xla" or
+    "cudnn" (NVIDIA GPUs; where cuDNN's limits allow, XLA elsewhere)."""
     settings.check()
-    checker = load_safety_checker(model) if safety_checker else None
-    pipeline, params = load_pipeline(model, settings, from_pt=from_pt,
-                                     split_head_dim=split_head_dim)
-    sampler = Sampler(pipeline, params, settings, devices=devices,
-                      per_device_batch=per_device_batch, safety_checker=checker)
+    devices = list(devices if devices is not None else jax.local_devices())
+    kind = attention_lib.resolve(attention, devices[0].platform)
+    sd = sd_model.load(model, dtype=DTYPES[settings.dtype], attention=kind)
+    sampler = Sampler(sd, settings, devices=devices, per_device_batch=per_device_batch)
     sampler.model = model
+    sampler.attention = kind
+    logging.info("loaded %s (%s, attention %s) for %d devices x %d images", model,
+                 settings.dtype, kind, len(devices), per_device_batch)
     return sampler
