@@ -18,8 +18,6 @@ from typing import Iterable, Sequence
 
 from absl import logging
 
-from stablerep_jax.data import shards
-
 # Config keys (or key prefixes) that do not change the data stream, the schedule or the model.
 SAFE_TO_CHANGE = ("stop_at_step", "checkpoint_every", "keep_checkpoints", "log_every",
                   "preemption_check_every", "knn", "init_from", "preset",
@@ -52,6 +50,7 @@ def data_fingerprint(train_files: str) -> list[list]:
     Counts come from the shards' manifest.json (a shard no manifest lists is counted by reading
     it, as the input pipeline does). Names without their directory: data moved elsewhere with
     the same shards is the same data."""
+    from stablerep_jax.data import shards   # reads TFRecords: TensorFlow only when called
     files = shards.matching_files(train_files)
     counts = shards.count_records(files)
     return [[os.path.basename(f), int(n)] for f, n in zip(files, counts)]

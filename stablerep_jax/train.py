@@ -18,30 +18,23 @@ import math
 import signal
 import threading
 import time
-from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import flags, logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from stablerep_jax import checkpoint, cli, losses, optim, parallel, resume
-from stablerep_jax.data import device_augment, pipeline, shards
+from stablerep_jax import checkpoint, cli, flops, parallel, resume, xla_flags
+from stablerep_jax.data import pipeline, shards
 from stablerep_jax.metrics import MetricWriter
-from stablerep_jax.models.encoder import build_model
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-
+from stablerep_jax.models.encoder import build_model  # noqa: F401  (this module's API)
+# The step itself (state, loss, update, shardings) lives in the TF-free `train_step` module;
+# these names stay importable from here.
+from stablerep_jax.train_step import (  # noqa: F401
+    TrainingParts, TrainState, all_finite, build_training, compiled_flops, init_variables,
+    make_init_fn, make_loss_fn, make_train_step, model_flops_per_step, state_shardings,
+    views_per_caption)
 
 @dataclasses.dataclass
 class TrainResult:
@@ -53,10 +46,6 @@ class TrainResult:
 
 # --------------------------------------------------------------------------------------------
 # Sizes and checks
-
-
-def views_per_caption(config) -> int:
-    return config.data.n_img * config.data.num_crop
 
 
 def _manifest_counts(config) -> list[int]:
@@ -138,132 +127,6 @@ def check_config(config) -> None:
             raise ValueError(f"{key}={config[key]}: must be > 0 ({meaning})")
     checkpoint.keep_policy(config.keep_checkpoints)
     parallel.host_local_batch_size(config.batch_size)
-
-
-# --------------------------------------------------------------------------------------------
-# State and step
-
-
-def init_variables(model, config, rng) -> dict:
-    """The model's freshly initialised variables ({"params", "batch_stats"}) for this config."""
-    size = config.model.image_size
-    images = jnp.zeros((2, views_per_caption(config), size, size, 3), jnp.float32)
-    tokens = (jnp.zeros((2, config.model.context_length), jnp.int32)
-              if config.model.add_language else None)
-    return model.init(rng, images, tokens, train=False)
-
-
-def make_init_fn(model, tx, config):
-    def init(rng):
-        variables = init_variables(model, config, rng)
-        params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get("batch_stats", {}),
-                          opt_state=tx.init(params))
-    return init
-
-
-def state_shardings(mesh, abstract_state: TrainState) -> TrainState:
-    """Params and BN statistics replicated; optimizer moments sharded over `data` (ZeRO-1)."""
-    rep = parallel.replicated(mesh)
-    return TrainState(
-        step=rep,
-        params=jax.tree_util.tree_map(lambda _: rep, abstract_state.params),
-        batch_stats=jax.tree_util.tree_map(lambda _: rep, abstract_state.batch_stats),
-        opt_state=parallel.tree_zero1_shardings(mesh, abstract_state.opt_state),
-    )
-
-
-def make_loss_fn(model, config):
-    """`loss_fn(params, batch_stats, batch, temperature) -> (loss, (parts, new_batch_stats))`."""
-    n_views = views_per_caption(config)
-
-    def loss_fn(params, batch_stats, batch: dict, temperature):
-        # The encoder lays features out view-major: view 0 of every caption, then view 1, ...
-        image_labels = jnp.tile(batch["labels"], n_views)
-        out, mutated = model.apply({"params": params, "batch_stats": batch_stats},
-                                   device_augment.model_images(batch, config.data),
-                                   batch.get("tokens"), train=True,
-                                   mutable=["batch_stats"])
-        if config.model.add_language:
-            parts = losses.multi_positive_image_text_loss(
-                out["feats"], out["image_emb"], out["text_emb"], image_labels, batch["labels"],
-                out["logit_scale"], temperature, config.loss.w1, config.loss.w2)
-            parts["logit_scale"] = out["logit_scale"]
-        else:
-            parts = {"loss": losses.multi_positive_contrastive_loss(
-                out["feats"], image_labels, temperature)}
-        return parts["loss"], (parts, mutated["batch_stats"])
-
-    return loss_fn
-
-
-def make_train_step(model, tx, schedule, config, total_steps: int):
-    """Returns the pure `train_step(state, batch) -> (state, metrics)` for jit."""
-    loss_fn = make_loss_fn(model, config)
-    log_scale_max = math.log(config.loss.logit_scale_max)
-
-    def train_step(state: TrainState, batch: dict):
-        temperature = optim.temperature_at(config, state.step, total_steps)
-        (_, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.batch_stats, batch, temperature)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        if config.model.add_language:
-            params = {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, log_scale_max)}
-        metrics = {**parts, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
-                   "temperature": jnp.asarray(temperature, jnp.float32)}
-        return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                          opt_state=opt_state), metrics
-
-    return train_step
-
-
-@jax.jit
-def all_finite(tree) -> jax.Array:
-    """One device-side reduction: are all floating-point leaves of `tree` finite?"""
-    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
-
-
-def compiled_flops(compiled) -> float:
-    """FLOPs XLA's cost analysis counts for one call of a compiled program (0 if unknown)."""
-    try:
-        analysis = compiled.cost_analysis()
-    except Exception:  # some backends do not implement it
-        return 0.0
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else {}
-    return float((analysis or {}).get("flops", 0.0))
-
-
-@dataclasses.dataclass
-class TrainingParts:
-    """Everything a run compiles: model, schedule, sharded init and the jitted step."""
-    model: Any
-    schedule: optax.Schedule
-    init: Any                     # rng -> TrainState, jitted with the state's shardings
-    abstract_state: TrainState
-    shardings: TrainState
-    step_fn: Any                  # jitted (state, global batch) -> (state, metrics); donates state
-
-
-def build_training(config, mesh, total_steps: int, steps_per_epoch: int) -> TrainingParts:
-    model = build_model(config.model)
-    schedule = optim.learning_rate_schedule(config, total_steps, steps_per_epoch)
-    tx = optim.make_optimizer(config, schedule)
-    # Initialise already sharded: abstract shapes -> shardings -> jit(init, out_shardings).
-    init = make_init_fn(model, tx, config)
-    abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
-    shardings = state_shardings(mesh, abstract_state)
-    step_fn = jax.jit(make_train_step(model, tx, schedule, config, total_steps),
-                      in_shardings=(shardings, parallel.batch_sharded(mesh)),
-                      out_shardings=(shardings, parallel.replicated(mesh)),
-                      donate_argnums=(0,))
-    return TrainingParts(model=model, schedule=schedule,
-                         init=jax.jit(init, out_shardings=shardings),
-                         abstract_state=abstract_state, shardings=shardings, step_fn=step_fn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,10 +238,13 @@ def train_and_evaluate(config, workdir: str, allow_changes=(),
 
     writer = MetricWriter(workdir, keep_through_step=start_step)
     images_per_step = config.batch_size * views_per_caption(config)
+    # Model FLOPs (PaLM's MFU count, from the model's shapes: XLA's cost analysis misses the
+    # cuBLAS/cuDNN calls on GPUs) per chip per step, and the chip's data-sheet bf16 peak.
+    flops_per_chip_step = model_flops_per_step(config) / jax.device_count()
+    peak_flops = flops.published_peak_flops(jax.devices()[0].device_kind)
     step = start_step
     last_metrics: dict = {}
     compiled = None             # the step, compiled once (ahead of time) at the first batch
-    flops_per_step = 0.0
     preempted = False
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                disable=jax.process_index() != 0)
@@ -389,7 +255,9 @@ def train_and_evaluate(config, workdir: str, allow_changes=(),
                 batch = parallel.global_batch(mesh, next(data))
                 if compiled is None:
                     compiled = step_fn.lower(state, batch).compile()
-                    flops_per_step = compiled_flops(compiled)
+                    logging.info("model FLOPs per step per chip: %.4g (XLA's cost analysis of "
+                                 "the compiled step, a cross-check that misses custom calls: "
+                                 "%.4g)", flops_per_chip_step, compiled_flops(compiled))
                 state, metrics = compiled(state, batch)
                 step += 1
                 window_steps += 1
@@ -407,9 +275,11 @@ def train_and_evaluate(config, workdir: str, allow_changes=(),
                     step_time = elapsed / max(window_steps, 1)
                     last_metrics.update(
                         step_time=step_time, images_per_sec=images_per_step / step_time,
-                        tflops_per_sec=flops_per_step / step_time / 1e12,
+                        tflops_per_sec=flops_per_chip_step / step_time / 1e12,   # per chip
                         epoch=step / steps_per_epoch if steps_per_epoch else 0.0,
                         dropped_records=float(getattr(data, "dropped", 0)))
+                    if peak_flops:
+                        last_metrics["mfu"] = flops_per_chip_step / step_time / peak_flops
                     writer.write(step, last_metrics)
                     bar.set_postfix(loss=f"{last_metrics['loss']:.4f}",
                                     img_s=f"{last_metrics['images_per_sec']:.1f}")
@@ -471,6 +341,7 @@ def _load_initial_weights(state: TrainState, path: str, shardings: TrainState) -
 
 def main(config) -> int:
     """The command line job: exit code 0 when done, `cli.EXIT_RESUME` when preempted."""
+    xla_flags.apply()          # before JAX starts its backend: XLA reads its flags only then
     parallel.start_job(flags.FLAGS)
     result = train_and_evaluate(config, flags.FLAGS.workdir,
                                 allow_changes=resume.parse_allowed(flags.FLAGS.resume_allow_changes),

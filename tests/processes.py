@@ -25,3 +25,14 @@ def run_processes(script: str, num_processes: int, *args, timeout: int = 600) ->
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
     return outputs
+
+
+WITHOUT_TENSORFLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                  "without_tensorflow")
+
+
+def without_tensorflow(env: dict) -> dict:
+    """A copy of `env` for a subprocess in which `import tensorflow` raises ImportError
+    (tests/without_tensorflow/sitecustomize.py goes first on PYTHONPATH)."""
+    paths = [WITHOUT_TENSORFLOW] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**env, "PYTHONPATH": os.pathsep.join(paths)}

@@ -350,6 +350,11 @@ def test_tiny_run_lowers_the_loss_and_logs(train_files, tmp_path):
     assert last < first - 0.1, (first, last)
     for key in ("lr", "temperature", "images_per_sec", "step_time", "grad_norm"):
         assert key in metrics[-1]
+    # Achieved model TFLOP/s per chip, from the model's FLOP count (flops.py), not XLA's.
+    per_chip = train.model_flops_per_step(config) / jax.device_count()
+    assert metrics[-1]["tflops_per_sec"] == pytest.approx(
+        per_chip / metrics[-1]["step_time"] / 1e12, rel=1e-6)
+    assert "mfu" not in metrics[-1]           # a CPU has no data-sheet peak
     assert os.path.isdir(tmp_path / "tensorboard")
 
 

@@ -2,7 +2,7 @@
 
 The host (`augment.prepare_view`) ships each view cropped, resized and flipped as uint8, with
 the colour stage's parameters drawn from the view's stateless key (`augment.ViewDraws`; the
-layout is `augment.P_*`). Here a pure JAX function applies them to the whole batch:
+layout is `recipe.P_*`). Here a pure JAX function applies them to the whole batch:
 ColorJitter (p=0.8, the four adjustments in the drawn order), grayscale (p=0.2), Gaussian blur
 (p=0.5), then ImageNet mean/std, in float32, cast to `data.image_dtype` at the end. Resume stays
 exact: the parameters are a function of the keys, as the host path's are.
@@ -21,10 +21,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from stablerep_jax.data import augment
+from stablerep_jax.data import recipe   # not `augment`: that one needs TensorFlow
 
-LUMA = augment.LUMA
-MAX_RADIUS = int(math.ceil(3.0 * augment.BLUR_SIGMA[1]))
+LUMA = recipe.LUMA
+MAX_RADIUS = int(math.ceil(3.0 * recipe.BLUR_SIGMA[1]))
 
 
 HIGHEST = jax.lax.Precision.HIGHEST     # float32 dots (TPUs default to one bfloat16 pass)
@@ -163,34 +163,34 @@ def colour_stage(image: jax.Array, params: jax.Array) -> jax.Array:
     """One float image [H, W, 3] in [0, 1] through the strong recipe's jitter, grayscale and
     blur, as `params` [NUM_PARAMS] (from `augment.ViewDraws.packed`) say."""
     on = params > 0.5
-    jittered = color_jitter(image, params[augment.P_ORDER].astype(jnp.int32),
-                            params[augment.P_FACTORS])
-    image = jnp.where(on[augment.P_JITTER], jittered, image)
-    image = jnp.where(on[augment.P_GRAY], to_grayscale_rgb(image), image)
-    sigma = jnp.maximum(params[augment.P_SIGMA], augment.BLUR_SIGMA[0])   # >0 when unused
-    return jnp.where(on[augment.P_BLUR], gaussian_blur(image, sigma), image)
+    jittered = color_jitter(image, params[recipe.P_ORDER].astype(jnp.int32),
+                            params[recipe.P_FACTORS])
+    image = jnp.where(on[recipe.P_JITTER], jittered, image)
+    image = jnp.where(on[recipe.P_GRAY], to_grayscale_rgb(image), image)
+    sigma = jnp.maximum(params[recipe.P_SIGMA], recipe.BLUR_SIGMA[0])   # >0 when unused
+    return jnp.where(on[recipe.P_BLUR], gaussian_blur(image, sigma), image)
 
 
 def normalize(image: jax.Array, dtype="float32") -> jax.Array:
-    mean = jnp.asarray(augment.IMAGENET_MEAN, jnp.float32)
-    std = jnp.asarray(augment.IMAGENET_STD, jnp.float32)
+    mean = jnp.asarray(recipe.IMAGENET_MEAN, jnp.float32)
+    std = jnp.asarray(recipe.IMAGENET_STD, jnp.float32)
     return ((image - mean) / std).astype(jnp.dtype(dtype))
 
 
-def finish_views(images: jax.Array, params: jax.Array, spec: augment.AugmentSpec) -> jax.Array:
+def finish_views(images: jax.Array, params: jax.Array, spec: recipe.AugmentSpec) -> jax.Array:
     """uint8 views [..., S, S, 3] and their parameters [..., NUM_PARAMS] -> the model's input,
     normalised, in `spec.dtype`. The weak recipe only normalises (it has no colour stage)."""
     shape = images.shape
     flat = images.reshape((-1,) + shape[-3:]).astype(jnp.float32) / 255.0
     if spec.recipe == "strong":
-        flat = jax.vmap(colour_stage)(flat, params.reshape(-1, augment.NUM_PARAMS))
+        flat = jax.vmap(colour_stage)(flat, params.reshape(-1, recipe.NUM_PARAMS))
     return normalize(flat, spec.dtype).reshape(shape)
 
 
 def model_images(batch: dict, data_config) -> jax.Array:
     """The step's input images: `batch["images"]` as they are when the host finished them,
-    else (uint8 with `augment.PARAMS_KEY`) through `finish_views` with `data_config`'s recipe."""
-    if augment.PARAMS_KEY not in batch:
+    else (uint8 with `recipe.PARAMS_KEY`) through `finish_views` with `data_config`'s recipe."""
+    if recipe.PARAMS_KEY not in batch:
         return batch["images"]
-    spec = augment.AugmentSpec.from_config(data_config)
-    return finish_views(batch["images"], batch[augment.PARAMS_KEY], spec)
+    spec = recipe.AugmentSpec.from_config(data_config)
+    return finish_views(batch["images"], batch[recipe.PARAMS_KEY], spec)

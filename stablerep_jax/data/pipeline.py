@@ -41,6 +41,7 @@ import tensorflow as tf
 from absl import logging
 
 from stablerep_jax.data import augment, records, shards, tokenize, views
+from stablerep_jax.data.recipe import augment_on_device  # noqa: F401  (this module's API)
 from stablerep_jax.data.shards import host_files  # noqa: F401  (this module's API)
 
 TOO_MANY_BAD = "too many undecodable records in one epoch"
@@ -322,14 +323,6 @@ def make_train_iterator(data_config, *, batch_size: int, seed: int, process_inde
         options.threading.max_intra_op_parallelism = 1
     ds = ds.with_options(options)
     return TrainIterator(ds, info, pattern, max_bad)
-
-
-def augment_on_device(data_config) -> bool:
-    """Does the colour stage run in the train step (`data.augment_on_device`, default True)?"""
-    value = data_config.get("augment_on_device", True)
-    if not isinstance(value, bool):
-        raise ValueError(f"data.augment_on_device={value!r}: use True or False")
-    return value
 
 
 def _drop_captions(batch):
