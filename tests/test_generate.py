@@ -476,7 +476,7 @@ def test_contact_sheet_puts_each_image_in_its_row_beside_its_caption():
 def _pytorch_images(model, settings, texts, latents, dtype="float32"):
     import torch
     from tiny_sd import torch_pipeline
-    pipe = torch_pipeline(model).to(dtype=getattr(torch, dtype))
+    pipe = torch_pipeline(model, torch_dtype=getattr(torch, dtype))
     images = pipe(prompt=texts, num_inference_steps=settings.num_inference_steps,
                   guidance_scale=settings.guidance_scale, height=settings.resolution,
                   width=settings.resolution, output_type="np",

@@ -126,14 +126,14 @@ def _check_written(directory: str) -> None:
             raise RuntimeError(f"{directory}: {part} was not saved")
 
 
-def torch_pipeline(directory: str):
+def torch_pipeline(directory: str, torch_dtype=None):
     """diffusers' PyTorch `StableDiffusionPipeline` (DDIM, no safety checker) on the folder's
-    weights: the reference our sampler is compared with."""
+    weights, in `torch_dtype` (default float32): the reference our sampler is compared with."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     scheduler = DDIMScheduler.from_pretrained(directory, subfolder="scheduler", clip_sample=False)
     pipe = StableDiffusionPipeline.from_pretrained(
         directory, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        requires_safety_checker=False, torch_dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
