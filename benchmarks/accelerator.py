@@ -72,9 +72,9 @@ NEEDS = {
     "attention": ("ml_collections", "optax", "tensorflow"),
     "train_step": ("ml_collections", "optax", "tensorflow", "torch", "timm"),
     "memory": ("ml_collections", "optax", "tensorflow"),
-    "sd_model": ("diffusers", "transformers"),
-    "sizing": ("ml_collections", "optax", "tensorflow", "diffusers", "transformers"),
+    "sd_model": ("diffusers", "transformers", "torch"),
     "generate": ("diffusers", "transformers", "torch"),
+    "gen_sweep": ("transformers", "torch"),
 }
 
 
@@ -106,12 +106,12 @@ class Sizes:
     gen_steps: int = 50
     gen_repeats: int = 2
     gen_resolution: int = 512
-    compare_steps: int = 25
+    gen_sweep: str = "16,32,64"     # per-device batches beyond gen_batch
 
 
 TINY = Sizes(variant="tiny", captions=2, views=2, image_size=32, depth=1, patch_size=8,
              mlp_dim=64, emb_dim=16, dtype="float32", steps=1, sd_size="tiny", gen_batch=2,
-             gen_steps=2, gen_repeats=1, gen_resolution=32, compare_steps=2)
+             gen_steps=2, gen_repeats=1, gen_resolution=32, gen_sweep="2,3")
 
 
 def _args(argv=None):
@@ -123,6 +123,8 @@ def _args(argv=None):
                    help="wall-clock budget of all parts together, seconds")
     p.add_argument("--published_peak_tflops", type=float, default=0.0,
                    help="the chip's published dense bf16 peak (default: from a table by device)")
+    p.add_argument("--parts", default="", help="run only these parts (comma-separated names, "
+                   "e.g. sd_model,generate,gen_sweep; a name before ':' selects all its kinds)")
     p.add_argument("--part", default="", help=argparse.SUPPRESS)   # internal: run one part
     p.add_argument("--attention", default="einsum", choices=ATTENTIONS, help=argparse.SUPPRESS)
     p.add_argument("--json", default="", help=argparse.SUPPRESS)
@@ -152,12 +154,8 @@ def preflight_part() -> dict:
     device = jax.devices()[0]
     modules = sorted({m for needs in NEEDS.values() for m in needs})
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    notes = {}
-    if "transformers" not in missing:
-        version = importlib.metadata.version("transformers")
-        if int(version.split(".")[0]) >= 5:     # its Flax CLIP text model is gone in v5
-            missing.append("transformers")
-            notes["transformers"] = f"{version} installed; the Flax text encoder needs <5"
+    notes = {m: importlib.metadata.version(m) for m in ("transformers", "diffusers", "torch")
+             if m not in missing}
     cuda_torch = False
     if "torch" not in missing:
         import torch
@@ -349,21 +347,31 @@ def plan_parts(args, scratch: str, pre: dict) -> list[Part]:
     parts.append(Part("sd_model", [py, me, "--part", "sd_model", "--sd_dir", sd_dir, "--json",
                                    os.path.join(scratch, "sd_model.json"), *tiny], 150,
                       "sd_model.json"))
-    sizing = [py, os.path.join(BENCH, "sizing.py"), "--skip_training", "--sd_model", sd_dir,
-              "--dtype", s.dtype, "--gen_batch", str(s.gen_batch), "--gen_steps",
-              str(s.gen_steps), "--gen_resolution", str(s.gen_resolution), "--gen_repeats",
-              str(s.gen_repeats), "--gen_warmup", "1", "--json",
-              os.path.join(scratch, "sizing.json")]
-    parts.append(Part("sizing", sizing, 240, "sizing.json"))
     generate = [py, os.path.join(BENCH, "generate.py"), "--size", s.sd_size, "--model", sd_dir,
-                "--batch", str(s.gen_batch), "--steps", str(s.compare_steps), "--dtype",
+                "--steps", str(s.gen_steps), "--resolution", str(s.gen_resolution), "--dtype",
                 s.dtype, "--repeats", str(s.gen_repeats)]
-    if torch_flag is None:
-        generate.append("--skip-torch")
-    parts.append(Part("generate", generate, 240, env=shared))
+    # Ours (attention auto) against diffusers' PyTorch pipeline, same latents: the headline.
+    part = Part("generate", generate + ["--batch", str(s.gen_batch), "--peak", "--json",
+                                        os.path.join(scratch, "generate.json")],
+                300, "generate.json", env=dict(shared))
+    if torch_flag is None and not args.tiny:
+        part.argv.append("--skip-torch")
+    parts.append(part)
+    # The same batch on XLA's attention: what `auto` is measured against.
+    parts.append(Part("generate:xla", generate + [
+        "--batch", str(s.gen_batch), "--attention", "xla", "--skip-torch", "--json",
+        os.path.join(scratch, "generate_xla.json")], 200, "generate_xla.json"))
+    parts.append(Part("gen_sweep", generate + [
+        "--sweep", s.gen_sweep, "--skip-torch", "--json",
+        os.path.join(scratch, "gen_sweep.json")], 360, "gen_sweep.json"))
     if args.tiny:       # one CPU device, like a user's laptop; TF and JAX off any GPU
         for part in parts:
             part.env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", XLA_FLAGS="")
+    if args.parts:
+        wanted = args.parts.split(",")
+        for part in parts:
+            if not part.skip and part.name not in wanted and part.name.split(":")[0] not in wanted:
+                part.skip = "not in --parts"
     missing = set(pre.get("missing", ()))
     for part in parts:
         lacking = sorted(missing & set(NEEDS[part.name.split(":")[0]]))
@@ -407,16 +415,7 @@ def summarize(args, records: list[Record], pre: dict) -> dict:
                                    if peak_pub else None),
             peak_bytes_in_use=memory.get("peak_bytes_in_use"),
             vs_einsum=(res["images_per_s"] / einsum["images_per_s"] if einsum else None)))
-    sizing = by_name.get("sizing")
-    if sizing and sizing.status == "ok" and sizing.result and "generation" in sizing.result:
-        gen = sizing.result["generation"]
-        rows.append(dict(
-            job="generation", images_per_s=gen["images_per_s"],
-            flops_per_image=gen["flops_per_image"], utilisation_measured=gen["utilisation"],
-            measured_peak_flops=sizing.result["matmul_peak_flops"],
-            utilisation_published=(gen["images_per_s"] * gen["flops_per_image"] / peak_pub
-                                   if peak_pub else None),
-            peak_bytes_in_use=None, vs_einsum=None, settings=gen["settings"]))
+    rows += generation_rows(by_name, peak_pub)
     memory = by_name.get("memory")
     xla_peak = None
     if memory and memory.status == "ok" and memory.result and memory.result["rows"]:
@@ -433,6 +432,35 @@ def summarize(args, records: list[Record], pre: dict) -> dict:
                 results={r.name: r.result for r in records if r.result})   # self-contained
 
 
+def generation_rows(by_name: dict, peak_pub: float) -> list[dict]:
+    """One row per sampler run: the headline (vs PyTorch), XLA attention, the batch sweep."""
+    runs = []
+    for name, key in (("generate", "ours"), ("generate:xla", "ours")):
+        r = by_name.get(name)
+        if r and r.result and key in r.result:
+            runs.append((r.result, r.result[key]))
+    r = by_name.get("gen_sweep")
+    if r and r.result:
+        runs += [(r.result, row) for row in r.result.get("sweep", []) if "error" not in row]
+    rows = []
+    for result, run in runs:
+        flops = run["flops_per_image"] * run["images_per_s"]
+        peak = (result.get("matmul_peak_tflops") or 0) * 1e12
+        torch_rate = (result.get("torch") or {}).get("images_per_s")
+        rows.append(dict(
+            job=(f"generation, {result['steps']} steps, batch {run['batch']}, "
+                 f"attention={run['attention']}"),
+            images_per_s=run["images_per_s"], flops_per_image=run["flops_per_image"],
+            utilisation_measured=flops / peak if peak else None,
+            measured_peak_flops=peak or None,
+            utilisation_published=flops / peak_pub if peak_pub else None,
+            peak_bytes_in_use=run.get("peak_bytes_in_use"),
+            vs_pytorch=(run["images_per_s"] / torch_rate
+                        if torch_rate and run is result.get("ours") else None),
+            pytorch_images_per_s=torch_rate if run is result.get("ours") else None))
+    return rows
+
+
 def summary_markdown(summary: dict, logs: dict[str, str]) -> str:
     s = summary
     lines = [f"device: {s['device_kind']} ({s['platform']}), jax {s['jax']}; published bf16 "
@@ -442,15 +470,22 @@ def summary_markdown(summary: dict, logs: dict[str, str]) -> str:
              "| part | status | wall s | detail |", "|---|---|---|---|"]
     lines += [f"| {p['name']} | {p['status']} | {p['wall_s']:.0f} | {p['detail']} |"
               for p in s["parts"]]
-    lines += ["", "| job | images/s per chip | GFLOP/image (XLA) | of measured matmul peak | "
-              "of published peak | peak bytes in use | vs einsum |",
+    lines += ["", "| job | images/s per chip | GFLOP/image (model) | of measured matmul peak | "
+              "of published peak | peak bytes in use | vs reference |",
               "|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
-        gib = f"{r['peak_bytes_in_use'] / GIB:.2f} GiB" if r["peak_bytes_in_use"] else "-"
-        ratio = f"{r['vs_einsum']:.2f}x" if r["vs_einsum"] else "-"
+        gib = f"{r['peak_bytes_in_use'] / GIB:.2f} GiB" if r.get("peak_bytes_in_use") else "-"
+        if r.get("vs_pytorch"):
+            ratio = (f"{r['vs_pytorch']:.2f}x PyTorch "
+                     f"({r['pytorch_images_per_s']:.3g} images/s)")
+        elif r.get("vs_einsum"):
+            ratio = f"{r['vs_einsum']:.2f}x einsum"
+        else:
+            ratio = "-"
+        peak = (f" ({r['measured_peak_flops'] / 1e12:.3g} TFLOP/s)"
+                if r.get("measured_peak_flops") else "")
         lines.append(f"| {r['job']} | {r['images_per_s']:.4g} | {r['flops_per_image'] / 1e9:,.1f} "
-                     f"| {_pct(r['utilisation_measured'])} "
-                     f"({r['measured_peak_flops'] / 1e12:.3g} TFLOP/s) "
+                     f"| {_pct(r['utilisation_measured'])}{peak} "
                      f"| {_pct(r['utilisation_published'])} | {gib} | {ratio} |")
     if s["xla_memory_analysis_peak_bytes"]:
         lines.append(f"\nXLA memory analysis of the train step, per device: "

@@ -201,7 +201,7 @@ def main():
     resolution = args.resolution or SIZES[args.size]["resolution"]
     out: dict = dict(size=args.size, resolution=resolution, steps=args.steps,
                      guidance=args.guidance, dtype=args.dtype, repeats=args.repeats,
-                     jax=jax.__version__, torch=torch.__version__)
+                     jax_version=jax.__version__, torch_version=torch.__version__)
 
     def save():
         if args.json:
