@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
-import threading
 import time
 
 import jax
 import numpy as np
 from absl import flags, logging
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from stablerep_jax import checkpoint, cli, flops, parallel, resume, xla_flags
 from stablerep_jax.data import pipeline, shards
 from stablerep_jax.metrics import MetricWriter
+from stablerep_jax.preemption import PreemptedAtStartup, PreemptionWatch  # noqa: F401
 from stablerep_jax.models.encoder import build_model  # noqa: F401  (this module's API)
 # The step itself (state, loss, update, shardings) lives in the TF-free `train_step` module;
 # these names stay importable from here.
@@ -39,7 +37,7 @@ from stablerep_jax.train_step import (  # noqa: F401
 @dataclasses.dataclass
 class TrainResult:
     step: int                      # the step the run stopped at
-    total_steps: int
+    total_steps: int               # 0 when SIGTERM stopped it during start-up
     last_metrics: dict
     preempted: bool = False
 
@@ -129,56 +127,6 @@ def check_config(config) -> None:
     parallel.host_local_batch_size(config.batch_size)
 
 
-# --------------------------------------------------------------------------------------------
-# Preemption
-
-
-class PreemptionWatch:
-    """Has a preemption notice (SIGTERM: TPU maintenance, spot reclaim, SLURM) arrived? Answers
-    the same at the same step on every host, so all of them save and stop together.
-
-    One process: a SIGTERM handler sets a flag. Several processes: JAX's preemption sync point
-    (`multihost_utils.reached_preemption_sync_point`, fed by jax.distributed's own SIGTERM
-    notifier; asked at every step, it returns True at one step agreed by all hosts). If JAX's
-    preemption service is switched off, the hosts all-gather their SIGTERM flags every `every`
-    steps instead (all hosts run the same steps, so they meet).
-    """
-
-    def __init__(self, every: int = 1):
-        self.every = max(1, int(every))
-        self.multi_host = jax.process_count() > 1
-        self.use_sync_point = self.multi_host and bool(jax.config.jax_enable_preemption_service)
-        self._set = False
-        self._previous = None
-
-    def __enter__(self):
-        # With the sync point, jax.distributed's notifier owns SIGTERM: a Python handler would
-        # replace it and the other hosts would never hear of the notice.
-        if not self.use_sync_point and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping")
-        self._set = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-        return False
-
-    def should_stop(self, step: int) -> bool:
-        if self.use_sync_point:
-            return multihost_utils.reached_preemption_sync_point(step)
-        if not self.multi_host:
-            return self._set
-        if step % self.every:
-            return False
-        flags_all = multihost_utils.process_allgather(np.array(self._set, np.int32))
-        return bool(np.max(flags_all))
-
-
-# --------------------------------------------------------------------------------------------
 # The job
 
 
@@ -188,7 +136,26 @@ def train_and_evaluate(config, workdir: str, allow_changes=(),
 
     `allow_changes`: config keys (and `data.files`, `process_count`) that may differ from the run
     that wrote the checkpoints (see `resume`). `checkpoint_workdir`: where `checkpoints/` goes
-    if not in `workdir` (e.g. a faster disk); metrics and TensorBoard stay in `workdir`."""
+    if not in `workdir` (e.g. a faster disk); metrics and TensorBoard stay in `workdir`.
+
+    The SIGTERM handler (`preemption.PreemptionWatch`) is installed before anything else and
+    removed only after the checkpoint manager has closed: a notice during start-up stops the
+    run at once (`preempted`, nothing new saved), one during the steps saves and stops, and one
+    during the last save waits for it."""
+    with PreemptionWatch(config.preemption_check_every) as watch:
+        try:
+            return _train_and_evaluate(config, workdir, allow_changes, checkpoint_workdir, watch)
+        except PreemptedAtStartup:
+            steps = checkpoint.finished_steps(checkpoint_workdir or workdir)
+            last = steps[-1] if steps else 0
+            logging.warning("stopped by SIGTERM during start-up (nothing new to save; the "
+                            "latest checkpoint is step %d); exiting with code %d: rerun the "
+                            "same command to resume", last, cli.EXIT_RESUME)
+            return TrainResult(step=last, total_steps=0, last_metrics={}, preempted=True)
+
+
+def _train_and_evaluate(config, workdir: str, allow_changes, checkpoint_workdir,
+                        watch: PreemptionWatch) -> TrainResult:
     check_config(config)
     mesh = parallel.make_mesh()
     total_steps, steps_per_epoch = training_length(config)
@@ -250,7 +217,7 @@ def train_and_evaluate(config, workdir: str, allow_changes=(),
                disable=jax.process_index() != 0)
     window_start, window_steps = time.perf_counter(), 0
     try:
-        with PreemptionWatch(config.preemption_check_every) as watch:
+        with watch.working():
             while step < stop_at:
                 batch = parallel.global_batch(mesh, next(data))
                 if compiled is None:

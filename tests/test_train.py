@@ -165,6 +165,38 @@ def test_sigterm_saves_a_checkpoint_that_resumes(train_files, tmp_path, monkeypa
     assert resumed.step == 8 and not resumed.preempted
 
 
+def _signals_run(workdir, train_files, when: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run([sys.executable, os.path.join(REPO, "tests", "signals_train.py"),
+                           str(workdir), train_files, when], cwd=REPO, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+
+
+def test_sigterm_during_startup_exits_75_and_says_so(train_files, tmp_path):
+    """The handler is installed first: a notice while the run restores, counts records or builds
+    its pipeline (minutes on a pod) used to kill it silently (143)."""
+    run = _signals_run(tmp_path, train_files, "startup")
+    assert run.returncode == cli.EXIT_RESUME, run.stdout[-3000:]
+    assert "SIGTERM during start-up, before the first step" in run.stdout
+    assert "stopped by SIGTERM during start-up (nothing new to save" in run.stdout
+    assert "signals_train: step=0 preempted=True" in run.stdout
+    assert not (tmp_path / "metrics.jsonl").exists()
+    assert not os.listdir(tmp_path / "checkpoints")
+
+
+@pytest.mark.slow
+def test_second_sigterm_during_the_final_save_waits_for_it(train_files, tmp_path):
+    """Two notices: the second arrives while the step-3 checkpoint is written. It used to kill
+    the run mid-write (143, a half-written *.orbax-checkpoint-tmp, the steps lost); the handler
+    now stays until the checkpoint manager has closed."""
+    run = _signals_run(tmp_path, train_files, "final_save")
+    assert run.returncode == cli.EXIT_RESUME, run.stdout[-3000:]
+    assert "SIGTERM while the last checkpoint is written: finishing it first" in run.stdout
+    from stablerep_jax import checkpoint
+    assert checkpoint.finished_steps(str(tmp_path)) == [3]
+    assert os.listdir(tmp_path / "checkpoints") == ["3"]
+
+
 def _wait_for_metrics(path, lines: int, proc, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
