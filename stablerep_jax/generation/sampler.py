@@ -12,10 +12,11 @@ model, the caption, the sampling settings and (seed, caption_id, k), not on its 
 resume point. Its pixels are bit-identical for the same batch shape (devices x per-device batch;
 padding a partial batch changes nothing, and a resume with the same devices and batch rewrites the
 same bytes). Another batch shape compiles to other kernels, so float rounding differs: measured on
-a tiny SD (32px, 3 DDIM steps, 32 images, 8 devices x 1 image vs 1 x 4 and 2 x 3), float32 images
-agree to within 1 level of 255 (4 of 98,304 values differ) and bfloat16 ones (the default) differ
-in 39-51% of their values, by at most 7 levels (mean 0.48-0.65). `benchmarks/generate.py
---layouts` measures this; `tests/test_generate.py` holds looser bounds (README, generate).
+a tiny SD (32px, 3 DDIM steps, 32 images; 8 devices x 1 image against 1 x 4 and 2 x 3, our own
+modules, 2026-12-04), float32 images agree to within 1 level of 255 (4 of 98,304 values differ)
+and bfloat16 ones (the default) by at most 3 levels (1 x 4: 35% of values changed, mean 0.36;
+2 x 3: identical). `benchmarks/generate.py --layouts` measures this; `tests/test_generate.py`
+holds looser bounds.
 
 One call samples `per_device_batch` images on every local device: params are replicated once,
 token ids and seeds are sharded over a 1-D device mesh, and `shard_map` runs the per-device
