@@ -284,12 +284,18 @@ class TrainCheckpointer:
     """
 
     def __init__(self, workdir, keep: int = 3):
-        """`keep`: the newest finished checkpoints kept (`keep_policy`; `KEEP_ALL` keeps all)."""
+        """`keep`: the newest finished checkpoints kept (`keep_policy`; `KEEP_ALL` keeps all).
+
+        Temporary directories that killed saves left (`<step>.orbax-checkpoint-tmp*`, each the
+        state's size) are removed as the manager opens (orbax's `cleanup_tmp_directories`, in
+        the background on the primary host; the first save waits for it). Only a trainer opens
+        a workdir this way: readers are read-only and never remove anything."""
         self.directory = checkpoints_dir(workdir)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(preservation_policy=keep_policy(keep),
-                                                 create=True, enable_async_checkpointing=True))
+                                                 create=True, enable_async_checkpointing=True,
+                                                 cleanup_tmp_directories=True))
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()

@@ -5,8 +5,10 @@ its own process: before the fixes it pins, such a signal killed the process (exi
 
 WHEN: `startup` (one SIGTERM while the data files are counted, before the first step) or
 `final_save` (one at step 3, then a second one as the run starts waiting for its last
-checkpoint, that is while the step-3 checkpoint is still being written). Exits 75 when the run reports itself
-preempted, as `python -m stablerep_jax.train` does.
+checkpoint, that is while the step-3 checkpoint is still being written) or `kill_in_save` (checkpoints every 2
+steps; SIGKILL while the last one, step 8, is being written: no handler can help, a temporary
+directory is left). Exits 75 when the run reports itself preempted, as `python -m
+stablerep_jax.train` does.
 """
 import os
 import signal
@@ -52,6 +54,13 @@ def main() -> int:
             sigterm("second notice, while the last checkpoint is written")
             real_wait(self)
         checkpoint.TrainCheckpointer.wait = wait
+    elif when == "kill_in_save":
+        config.checkpoint_every = 2
+
+        def killing_wait(self):
+            print("signals_train: SIGKILL while step 8 is written", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint.TrainCheckpointer.wait = killing_wait
     else:
         raise SystemExit(f"unknown WHEN {when!r}")
     result = train.train_and_evaluate(config, workdir)

@@ -258,3 +258,15 @@ def test_a_convert_output_as_train_workdir_says_what_it_is(tmp_path):
             ckpt.restore_meta(0)
     finally:
         ckpt.close()
+
+
+def test_a_trainer_removes_what_killed_saves_left(tmp_path):
+    """Each kill during a save used to leave a temporary directory of the state's size for
+    good; the trainer's manager removes them when it opens (orbax's cleanup_tmp_directories)."""
+    checkpoint.save_model(tmp_path, 1, params_of(1), STATS, MODEL_CONFIG)
+    subprocess.run([sys.executable, "-c", KILLED_SAVE, os.fspath(tmp_path)], check=True,
+                   env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith("2")]
+    train_save(tmp_path, 3, params_of(3))              # the resumed run's first save
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "3"]
+    assert_trees_equal(checkpoint.load_model(tmp_path)[0], params_of(3))

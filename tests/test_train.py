@@ -197,6 +197,20 @@ def test_second_sigterm_during_the_final_save_waits_for_it(train_files, tmp_path
     assert os.listdir(tmp_path / "checkpoints") == ["3"]
 
 
+@pytest.mark.slow
+def test_a_kill_mid_save_leaves_nothing_behind_after_the_resume(train_files, tmp_path):
+    """SIGKILL while step 8 is written leaves a temporary directory of the state's size; the
+    resumed run removes it (orbax's cleanup_tmp_directories) and redoes steps 7 and 8."""
+    run = _signals_run(tmp_path, train_files, "kill_in_save")
+    assert run.returncode == -signal.SIGKILL, run.stdout[-3000:]
+    assert any(".orbax-checkpoint-tmp" in n for n in os.listdir(tmp_path / "checkpoints"))
+    result = train.train_and_evaluate(tiny_config(train_files, total_steps=8, checkpoint_every=2),
+                                      str(tmp_path))
+    assert result.step == 8 and not result.preempted
+    assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["4", "6", "8"]
+    assert [m["step"] for m in read_metrics(str(tmp_path))] == list(range(1, 9))
+
+
 def _wait_for_metrics(path, lines: int, proc, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
