@@ -25,6 +25,10 @@ shards (each written atomically after its `shard_info/<shard>.json`: counts and 
 then `manifest.json` and `missing.txt`, which cover every shard on disk, whichever run or host
 wrote it. Rerunning after an interruption keeps finished shards; a rerun with another CSV,
 folder, roots, seeds, captions_per_shard or encoding stops and names each changed setting.
+SIGTERM (preemption): each host finishes the shard it is writing and stops; process 0 writes
+manifest.json and missing.txt over the shards on disk (`complete: false`), and the job exits 75
+(`cli.EXIT_RESUME`): rerunning it writes the rest. During start-up (reading the CSV, checking
+files) a single process stops at once, before writing anything.
 On a pod every host runs the job, joined as every job is (`cli.define_job_flags`: JAX finds
 the hosts on TPU pods and SLURM, or --coordinator_address, --num_processes, --process_id): host
 H writes shards H, H + N, ...; host 0 alone writes settings.json, manifest.json and missing.txt.
@@ -46,7 +50,7 @@ from absl import flags, logging
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from stablerep_jax import cli, fileio, parallel
+from stablerep_jax import cli, fileio, parallel, preemption
 from stablerep_jax.data import layouts, records, shard_plan
 
 IMAGE_FORMATS = ("keep", *records.IMAGE_FORMATS)
@@ -316,13 +320,19 @@ def _remove_stale_temp_files(output_dir: str, todo, process_index: int) -> None:
                      ", ".join(stale[:5]) + (" ..." if len(stale) > 5 else ""))
 
 
-def _import_shards(config, todo, seeds: Sequence[int]) -> int:
-    """Writes the shards of `todo` (name, groups); returns how many it wrote."""
+def _import_shards(config, todo, seeds: Sequence[int], stop=lambda: False) -> tuple[int, bool]:
+    """Writes the shards of `todo` (name, groups); returns (how many it wrote, whether `stop()`
+    said to stop before the last: it is asked before each shard)."""
     written = 0
     with _own_pixel_limit(), concurrent.futures.ThreadPoolExecutor(config.num_workers) as pool:
         bar = tqdm(total=sum(len(chunk) for _, chunk in todo), desc="import", unit="caption",
                    mininterval=2.0)
         for name, chunk in todo:
+            if stop():
+                logging.warning("stopping after %d of this process's %d shards to write "
+                                "(SIGTERM); each written shard is complete", written, len(todo))
+                bar.close()
+                return written, True
             built = list(pool.map(lambda g: _build_record(g, seeds, config), chunk))
             problems = [p for _, probs in built for p in probs]
             if problems and config.on_missing == "error":
@@ -335,7 +345,7 @@ def _import_shards(config, todo, seeds: Sequence[int]) -> int:
             written += 1
             bar.update(len(chunk))
         bar.close()
-    return written
+    return written, False
 
 
 def write_outputs(config, plan, settings: dict, k_max: int) -> dict:
@@ -408,6 +418,24 @@ def _prepare(config, process_index: int, process_count: int) -> dict:
 
 def run(config, *, process_index: int | None = None,
         process_count: int | None = None) -> dict | None:
+    """See `run_until_preempted`, without a SIGTERM handler; returns the manifest (or None)."""
+    return _run(config, process_index, process_count, None)[0]
+
+
+def run_until_preempted(config, *, process_index: int | None = None,
+                        process_count: int | None = None) -> tuple[dict | None, bool]:
+    """`run` under a SIGTERM handler (installed first): (manifest or None, preempted). When a
+    notice arrives, every host stops after the shard it is writing, process 0 writes the
+    outputs over what is on disk, and `preempted` is True on every host."""
+    with preemption.PreemptionWatch(agree=False) as watch:
+        try:
+            return _run(config, process_index, process_count, watch)
+        except preemption.PreemptedAtStartup:
+            logging.warning("stopped by SIGTERM during start-up: nothing was written")
+            return None, True
+
+
+def _run(config, process_index, process_count, watch) -> tuple[dict | None, bool]:
     """Imports this process's shards of the images the config names. Process 0 also writes
     settings.json (first) and manifest.json + missing.txt (last, over the whole output) and
     returns the manifest; other processes return None.
@@ -429,19 +457,26 @@ def run(config, *, process_index: int | None = None,
                                      job["settings"])   # the same bytes from whoever writes it
 
     parallel.run_together(start, "import_images start", coordinated)  # shards never predate settings
-    parallel.run_together(lambda: _import_shards(config, job["todo"], job["seeds"]),
-                          "import_images shards", coordinated)
+    stop = (lambda: False) if watch is None else (lambda: watch.should_stop(0))
+    with contextlib.nullcontext() if watch is None else watch.working():
+        _, stopped = parallel.run_together(
+            lambda: _import_shards(config, job["todo"], job["seeds"], stop),
+            "import_images shards", coordinated)
+    if coordinated:       # one host preempted: every host says so (and exits 75)
+        from jax.experimental import multihost_utils
+        stopped = bool(np.max(multihost_utils.process_allgather(np.array(stopped, np.int32))))
     if process_index != 0:
-        return None
+        return None, stopped
     manifest = write_outputs(config, job["plan"], job["settings"], job["k_max"])
     logging.info("%d captions, %d images in %d shards in %s", manifest["num_captions"],
                  manifest["num_images"], manifest["num_shards"], output_dir)
-    return manifest
+    return manifest, stopped
 
 
 def main(config):
     parallel.start_job(flags.FLAGS)
-    run(config)
+    _, preempted = run_until_preempted(config)
+    return cli.EXIT_RESUME if preempted else cli.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Several processes: JAX's preemption sync point (`multihost_utils.reached_preempt
 fed by jax.distributed's own SIGTERM notifier; asked at every step, it answers True at one step
 agreed by all hosts) owns SIGTERM, so no Python handler is installed. If JAX's preemption
 service is off, the hosts all-gather their SIGTERM flags every `every` steps instead (all hosts
-run the same steps, so they meet).
+run the same steps, so they meet). Jobs whose hosts share no steps pass `agree=False`.
 """
 from __future__ import annotations
 
@@ -43,10 +43,15 @@ class PreemptionWatch:
     """Has a preemption notice arrived? Answers the same at the same step on every host, so all
     of them save and stop together (see the module docstring)."""
 
-    def __init__(self, every: int = 1):
+    def __init__(self, every: int = 1, agree: bool = True):
+        """`agree=False`: each process answers for itself (no sync point, no all-gather), for
+        jobs whose processes share no steps (import_images: each host its own shards); this
+        process's handler then replaces jax.distributed's notifier."""
         self.every = max(1, int(every))
         self.multi_host = jax.process_count() > 1
-        self.use_sync_point = self.multi_host and bool(jax.config.jax_enable_preemption_service)
+        self.agree = agree
+        self.use_sync_point = (agree and self.multi_host
+                               and bool(jax.config.jax_enable_preemption_service))
         self.phase = STARTING
         self.notices = 0
         self._previous = None
@@ -97,7 +102,7 @@ class PreemptionWatch:
     def should_stop(self, step: int) -> bool:
         if self.use_sync_point:
             return multihost_utils.reached_preemption_sync_point(step)
-        if not self.multi_host:
+        if not self.multi_host or not self.agree:
             return self.notified
         if step % self.every:
             return False

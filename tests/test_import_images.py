@@ -491,3 +491,51 @@ def test_a_large_jpeg_is_decoded_at_reduced_size(tmp_path):
     with pytest.raises(import_images.ImageProblem, match=r"even 1/8 of it is larger"):
         import_images.prepare_image(_image(0, 0, "JPEG", size=(400, 200)), "x.jpg",
                                     max_pixels=1000)
+
+
+def test_sigterm_stops_after_the_shard_being_written_and_a_rerun_completes(tmp_path, monkeypatch):
+    """import_images used to ignore preemption (143 from SIGTERM, or run on to the end). Now a
+    notice stops it after the shard it is writing: the outputs cover the shards on disk, the
+    job reports itself preempted (exit 75), and a rerun writes the rest: the same records as
+    an uninterrupted import."""
+    import signal
+    csv_path, roots = _reference_layout(str(tmp_path / "src"))
+    straight = import_images.run(_config(str(tmp_path / "straight"), csv=csv_path,
+                                         roots=",".join(roots)))
+    real_write = records.write_shard
+    calls = []
+
+    def write_then_sigterm(path, recs):
+        real_write(path, recs)
+        calls.append(path)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)        # arrives as shard 1 is finished
+    monkeypatch.setattr(records, "write_shard", write_then_sigterm)
+    out = str(tmp_path / "out")
+    manifest, preempted = import_images.run_until_preempted(
+        _config(out, csv=csv_path, roots=",".join(roots)))
+    assert preempted and len(calls) == 1
+    assert manifest["num_shards"] == 1 and not manifest["complete"]
+    monkeypatch.undo()
+    manifest, preempted = import_images.run_until_preempted(
+        _config(out, csv=csv_path, roots=",".join(roots)))
+    assert not preempted and manifest["complete"]
+    assert manifest["shards"] == straight["shards"]
+    for name in straight["shards"]:
+        assert _read_bytes(os.path.join(out, name)) == \
+            _read_bytes(os.path.join(str(tmp_path / "straight"), name))
+
+
+def test_sigterm_during_startup_writes_nothing(tmp_path, monkeypatch):
+    import signal
+    csv_path, roots = _reference_layout(str(tmp_path / "src"))
+    real_read = layouts.read_reference_layout
+
+    def read_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_read(*args, **kwargs)
+    monkeypatch.setattr(layouts, "read_reference_layout", read_then_sigterm)
+    out = tmp_path / "out"
+    assert import_images.run_until_preempted(
+        _config(str(out), csv=csv_path, roots=",".join(roots))) == (None, True)
+    assert not out.exists()
