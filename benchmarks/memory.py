@@ -11,7 +11,9 @@ moments, sharded loss) for `--captions` captions x `--views` images per device (
 (jax.ShapeDtypeStruct: nothing is allocated) and compiles it. It prints XLA's
 `compiled.memory_analysis()` per device (arguments, outputs, aliased = donated state, temporaries;
 in use at the peak = arguments + outputs - aliased + temporaries) and the FLOPs the compiled
-program costs (`cost_analysis()`), so the price of remat shows as extra FLOPs.
+program costs (`cost_analysis()`), so the price of remat shows as extra FLOPs (and, beside it,
+`model_flops`: the model's own count from `stablerep_jax.flops`, which leaves remat out). It
+runs without TensorFlow.
 
 The batch is the one the input pipeline hands to `train`: with `data.augment_on_device` (the
 config's default; `--augment_on_device false` to change it) uint8 views plus their colour
@@ -147,16 +149,16 @@ def abstract_batch(config) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from stablerep_jax.data import augment, pipeline
+    from stablerep_jax.data import recipe
     b, size = config.batch_size, config.model.image_size
     views = config.data.n_img * config.data.num_crop
-    on_device = pipeline.augment_on_device(config.data)
+    on_device = recipe.augment_on_device(config.data)
     dtype = jnp.uint8 if on_device else jnp.dtype(config.data.image_dtype)
     batch = {"images": jax.ShapeDtypeStruct((b, views, size, size, 3), dtype),
              "labels": jax.ShapeDtypeStruct((b,), jnp.int32)}
     if on_device:
-        batch[augment.PARAMS_KEY] = jax.ShapeDtypeStruct((b, views, augment.NUM_PARAMS),
-                                                         jnp.float32)
+        batch[recipe.PARAMS_KEY] = jax.ShapeDtypeStruct((b, views, recipe.NUM_PARAMS),
+                                                        jnp.float32)
     if config.model.add_language:
         batch["tokens"] = jax.ShapeDtypeStruct((b, config.model.context_length), jnp.int32)
     return batch
@@ -164,9 +166,9 @@ def abstract_batch(config) -> dict:
 
 def compile_step(config, devices):
     """The train step compiled for `devices` from abstract inputs; (compiled, seconds)."""
-    from stablerep_jax import parallel, train
+    from stablerep_jax import parallel, train_step
     mesh = parallel.make_mesh(devices)
-    parts = train.build_training(config, mesh, total_steps=100, steps_per_epoch=0)
+    parts = train_step.build_training(config, mesh, total_steps=100, steps_per_epoch=0)
     start = time.perf_counter()
     compiled = parts.step_fn.lower(parts.abstract_state, abstract_batch(config)).compile()
     return compiled, time.perf_counter() - start
@@ -174,12 +176,12 @@ def compile_step(config, devices):
 
 def memory_row(compiled) -> dict:
     """XLA's per-device memory analysis of a compiled program, in bytes."""
-    from stablerep_jax import train
+    from stablerep_jax import train_step
     m = compiled.memory_analysis()
     row = {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
            "alias": int(m.alias_size_in_bytes), "temp": int(m.temp_size_in_bytes)}
     row["peak"] = row["argument"] + row["output"] - row["alias"] + row["temp"]
-    row["flops"] = train.compiled_flops(compiled)
+    row["flops"] = train_step.compiled_flops(compiled)   # what XLA counts: remat's cost shows
     return row
 
 
@@ -214,6 +216,7 @@ def measure(args) -> dict:
                           f"{row['message']}", flush=True)
                     continue
                 row.update(memory_row(compiled))
+                row["model_flops"] = _model_flops_per_device(config, len(devices))
                 row["fits"] = fits(row["peak"])
                 rows.append(row)
                 print(f"{variant} {kind} remat={remat}: peak {row['peak'] / GIB:.2f} GiB "
@@ -227,10 +230,17 @@ def measure(args) -> dict:
 
 def _augment_on_device(args) -> bool:
     """What the step is built with: --augment_on_device, else the config's default."""
-    from stablerep_jax.data import pipeline
+    from stablerep_jax.data import recipe
     kind = args.kinds[0] if args.kinds else "stablerep"
     config = train_config(args, kind, args.variants[0] if args.variants else "base", False, 1)
-    return pipeline.augment_on_device(config.data)
+    return recipe.augment_on_device(config.data)
+
+
+def _model_flops_per_device(config, n_devices: int) -> float:
+    """The model's FLOPs per step per device (`stablerep_jax.flops`: no remat recomputation,
+    no elementwise work), beside XLA's `flops` of the compiled program."""
+    from stablerep_jax import train_step
+    return train_step.model_flops_per_step(config) / n_devices
 
 
 def table(results: dict) -> str:

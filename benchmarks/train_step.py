@@ -1,10 +1,17 @@
 r"""Train-step throughput: our compiled JAX step vs the same model, loss and optimizer in PyTorch
 eager (timm ViT + reference head, reference loss math, AdamW), on the same batch, in one run.
-Also the achieved FLOP/s of our step (XLA's cost analysis) over this machine's measured matmul
-peak (best of a few large jitted matmuls), i.e. a model-FLOPs utilisation.
+Also the achieved model FLOP/s of our step per chip (`stablerep_jax.flops`: the model's matmuls
+and attention, PaLM's MFU count; XLA's cost analysis misses the cuBLAS/cuDNN calls on GPUs and
+is printed only as a cross-check) and its MFU against this machine's measured matmul peak (best
+of a few large jitted matmuls on random data) and against a data-sheet peak (--peak_tflops, or
+the table in `flops` for known chips).
 
   python benchmarks/train_step.py                          # ViT-S/16, 224px, CPU defaults
   python benchmarks/train_step.py --variant base --captions 64 --views 6 --dtype bfloat16 --skip_torch
+  python benchmarks/train_step.py ... --attention cudnn --attention_pad_to 64 --peak_tflops 989
+
+Runs without TensorFlow (the step is `stablerep_jax.train_step`); `measure_step` is the
+function other benchmarks (train_levers.py, accelerator.py) call.
 
 Prints one table; nothing is asserted. On a GPU/TPU the JAX side runs on the accelerator; the
 PyTorch side runs on CUDA when available, otherwise on the CPU.
@@ -40,8 +47,8 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))    # benchmarks/ (memory.py)
 
 import memory  # noqa: E402  (benchmarks/memory.py: the batch as the pipeline yields it)
-from stablerep_jax import config_utils, optim, parallel, train  # noqa: E402
-from stablerep_jax.data import augment  # noqa: E402
+from stablerep_jax import config_utils, flops, optim, parallel, train_step  # noqa: E402
+from stablerep_jax.data import recipe  # noqa: E402  (not `augment`: that one needs TensorFlow)
 
 
 def parse_args():
@@ -55,6 +62,12 @@ def parse_args():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--skip_torch", action="store_true")
+    p.add_argument("--attention", default=None,
+                   help="model.attention (default: the config's, auto)")
+    p.add_argument("--attention_pad_to", type=int, default=None,
+                   help="model.attention_pad_to (default: the config's)")
+    p.add_argument("--peak_tflops", type=float, default=0.0,
+                   help="the chip's data-sheet peak for MFU (default: flops' table, if known)")
     memory.add_augment_on_device_flag(p)
     return p.parse_args()
 
@@ -71,6 +84,10 @@ def make_config(args):
     config.data.image_dtype = args.dtype     # the model's input, as memory.py sets it
     config.optim.warmup_steps = 1
     memory.set_augment_on_device(config, getattr(args, "augment_on_device", None))
+    if getattr(args, "attention", None) is not None:
+        config.model.attention = args.attention
+    if getattr(args, "attention_pad_to", None) is not None:
+        config.model.attention_pad_to = args.attention_pad_to
     return config
 
 
@@ -85,7 +102,7 @@ def random_batch(config) -> dict:
             batch[name] = rng.integers(0, 256, spec.shape, dtype=np.uint8)
         elif name == "images":
             batch[name] = rng.normal(size=spec.shape).astype(spec.dtype)
-        elif name == augment.PARAMS_KEY:
+        elif name == recipe.PARAMS_KEY:
             batch[name] = random_view_params(rng, spec.shape[:-1])
         elif name == "labels":
             batch[name] = np.arange(spec.shape[0], dtype=np.int32)
@@ -96,18 +113,18 @@ def random_batch(config) -> dict:
 
 def random_view_params(rng, shape) -> np.ndarray:
     """Colour-stage parameters [*shape, NUM_PARAMS] with the strong recipe's probabilities and
-    ranges (layout `augment.P_*`), so the step computes what a real batch makes it compute."""
-    out = np.zeros(tuple(shape) + (augment.NUM_PARAMS,), np.float32)
+    ranges (layout `recipe.P_*`), so the step computes what a real batch makes it compute."""
+    out = np.zeros(tuple(shape) + (recipe.NUM_PARAMS,), np.float32)
     n = int(np.prod(shape))
-    flat = out.reshape(n, augment.NUM_PARAMS)
-    b, c, s, h = augment.JITTER
-    flat[:, augment.P_JITTER] = rng.random(n) < augment.JITTER_PROB
-    flat[:, augment.P_ORDER] = np.argsort(rng.random((n, 4)), axis=1)
+    flat = out.reshape(n, recipe.NUM_PARAMS)
+    b, c, s, h = recipe.JITTER
+    flat[:, recipe.P_JITTER] = rng.random(n) < recipe.JITTER_PROB
+    flat[:, recipe.P_ORDER] = np.argsort(rng.random((n, 4)), axis=1)
     low, high = np.array([1 - b, 1 - c, 1 - s, -h]), np.array([1 + b, 1 + c, 1 + s, h])
-    flat[:, augment.P_FACTORS] = rng.uniform(low, high, (n, 4))
-    flat[:, augment.P_GRAY] = rng.random(n) < augment.GRAYSCALE_PROB
-    flat[:, augment.P_BLUR] = rng.random(n) < augment.BLUR_PROB
-    flat[:, augment.P_SIGMA] = rng.uniform(*augment.BLUR_SIGMA, n)
+    flat[:, recipe.P_FACTORS] = rng.uniform(low, high, (n, 4))
+    flat[:, recipe.P_GRAY] = rng.random(n) < recipe.GRAYSCALE_PROB
+    flat[:, recipe.P_BLUR] = rng.random(n) < recipe.BLUR_PROB
+    flat[:, recipe.P_SIGMA] = rng.uniform(*recipe.BLUR_SIGMA, n)
     return out
 
 
@@ -117,7 +134,7 @@ def torch_images(batch: dict) -> np.ndarray:
     images = batch["images"]
     if images.dtype != np.uint8:
         return images.astype(np.float32)
-    mean, std = np.array(augment.IMAGENET_MEAN), np.array(augment.IMAGENET_STD)
+    mean, std = np.array(recipe.IMAGENET_MEAN), np.array(recipe.IMAGENET_STD)
     return ((images / 255.0 - mean) / std).astype(np.float32)
 
 
@@ -153,20 +170,58 @@ def matmul_peak_flops(dtype=jnp.float32, n: int | None = None, repeats: int = 5)
     return 2 * n ** 3 / best
 
 
-def bench_jax(config, batch, steps: int, devices=None) -> tuple[float, float]:
-    """(median seconds per step, XLA-counted FLOPs per step) of our jitted step on `devices`."""
+def measure_step(config, steps: int, devices=None, peak_flops: float = 0.0,
+                 batch: dict | None = None) -> dict:
+    """Our jitted train step for `config` on `devices` (default: all), timed on `batch` (default:
+    `random_batch(config)`): median seconds per step over `steps` after two warm-ups, images/s,
+    model FLOPs per step (`train_step.model_flops_per_step`) and achieved TFLOP/s per chip, MFU
+    against `peak_flops` (FLOP/s per chip; None when 0), XLA's per-device memory analysis of
+    the compiled step (bytes at its peak) and the allocator's peak bytes in use (None where the
+    backend keeps no statistics, as on CPUs; over this process's life so far). XLA's own FLOP
+    count of the compiled program is kept as `xla_flops_per_step_per_chip`, a cross-check
+    that misses custom calls on GPUs. JSON-ready."""
     mesh = parallel.make_mesh(devices)
-    parts = train.build_training(config, mesh, total_steps=100, steps_per_epoch=0)
+    chips = mesh.devices.size
+    parts = train_step.build_training(config, mesh, total_steps=100, steps_per_epoch=0)
     state = parts.init(jax.random.PRNGKey(0))
-    global_batch = jax.device_put(batch, parallel.batch_sharded(mesh))
-    flops = train.compiled_flops(parts.step_fn.lower(state, global_batch).compile())
+    global_batch = jax.device_put(random_batch(config) if batch is None else batch,
+                                  parallel.batch_sharded(mesh))
+    start = time.perf_counter()
+    compiled = parts.step_fn.lower(state, global_batch).compile()
+    compile_s = time.perf_counter() - start
     holder = {"state": state}
 
     def run():
-        holder["state"], metrics = parts.step_fn(holder["state"], global_batch)
+        holder["state"], metrics = compiled(holder["state"], global_batch)
         jax.block_until_ready(metrics["loss"])
 
-    return time_steps(run, steps), flops
+    seconds = time_steps(run, steps)
+    images = config.batch_size * train_step.views_per_caption(config)
+    model_flops = train_step.model_flops_per_step(config)
+    analysis = compiled.memory_analysis()
+    xla_peak = None
+    if analysis is not None:
+        xla_peak = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                       - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+    stats = mesh.devices.flat[0].memory_stats() or {}
+    return dict(
+        images_per_step=images, chips=int(chips), seconds_per_step=seconds,
+        images_per_s=images / seconds, images_per_s_per_chip=images / seconds / chips,
+        compile_s=compile_s, model_flops_per_step=model_flops,
+        model_flops_per_image=model_flops / images,
+        **flops.utilisation(model_flops, seconds, chips, peak_flops),
+        peak_flops_per_chip=peak_flops or None,
+        xla_flops_per_step_per_chip=train_step.compiled_flops(compiled),
+        xla_peak_bytes=xla_peak, allocator_peak_bytes=stats.get("peak_bytes_in_use"),
+        attention=str(config.model.attention),
+        attention_pad_to=int(config.model.get("attention_pad_to", 1)),
+        dtype=str(config.model.dtype), augment_on_device=bool(config.data.augment_on_device))
+
+
+def bench_jax(config, batch, steps: int, devices=None) -> tuple[float, float]:
+    """(median seconds per step, model FLOPs per step) of our jitted step on `devices`."""
+    result = measure_step(config, steps, devices, batch=batch)
+    return result["seconds_per_step"], result["model_flops_per_step"]
 
 
 def bench_torch(config, batch):
@@ -210,16 +265,25 @@ def main():
     print(f"device: {device.platform} ({device.device_kind}) x {jax.device_count()}; "
           f"ViT-{config.model.variant}/16 {size}px, {config.batch_size} captions x {views} views "
           f"= {images_per_step} images/step, dtype {config.model.dtype}; colour stage "
-          f"{'in the JAX step' if augment.PARAMS_KEY in batch else 'not timed (host)'}")
+          f"{'in the JAX step' if recipe.PARAMS_KEY in batch else 'not timed (host)'}")
 
-    jax_time, flops = bench_jax(config, batch, ARGS.steps)
+    peak_published = (ARGS.peak_tflops * 1e12 if ARGS.peak_tflops > 0
+                      else flops.published_peak_flops(device.device_kind))
+    result = measure_step(config, ARGS.steps, batch=batch, peak_flops=peak_published)
+    jax_time, chips = result["seconds_per_step"], result["chips"]
     peak = matmul_peak_flops(jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32)
     jax_ips = images_per_step / jax_time
-    print(f"jax   : {jax_time * 1e3:9.1f} ms/step  {jax_ips:9.2f} images/s")
-    achieved = flops / jax_time
-    print(f"jax   : {flops / 1e9:9.1f} GFLOP/step (XLA cost analysis), achieved "
-          f"{achieved / 1e9:.1f} GFLOP/s; measured matmul peak {peak / 1e9:.1f} GFLOP/s "
-          f"-> utilisation {achieved / peak:.1%}")
+    print(f"jax   : {jax_time * 1e3:9.1f} ms/step  {jax_ips:9.2f} images/s  (attention "
+          f"{result['attention']}, pad to {result['attention_pad_to']})")
+    achieved = result["tflops_per_sec_per_chip"] * 1e12
+    published = (f"; data-sheet peak {peak_published / 1e12:g} TFLOP/s -> MFU "
+                 f"{result['mfu']:.1%}" if result["mfu"] is not None else "")
+    print(f"jax   : {result['model_flops_per_image'] / 1e9:9.2f} GFLOP/image (model count), "
+          f"achieved {achieved / 1e12:.3f} TFLOP/s per chip; measured matmul peak "
+          f"{peak / 1e12:.3f} TFLOP/s -> utilisation {achieved / peak:.1%}{published}")
+    print(f"jax   : XLA's cost analysis (cross-check; misses custom calls on GPUs): "
+          f"{result['xla_flops_per_step_per_chip'] * chips / images_per_step / 1e9:.2f} "
+          f"GFLOP/image")
     if not ARGS.skip_torch:
         torch_time = bench_torch(config, batch)
         torch_ips = images_per_step / torch_time

@@ -15,7 +15,8 @@ that file removes when it runs again (`remove_stale_temp_files`).
 
 TensorFlow is imported on first use, not at import time: modules that only write local PNGs
 (the contact sheet, reports) stay cheap to import, and importing this module never puts TF's
-LLVM ahead of triton's (see `generate.py`).
+LLVM ahead of triton's (see `generate.py`). Where TensorFlow is not installed, local paths go
+through `os` instead (same atomic writes); URLs then raise ModuleNotFoundError.
 """
 from __future__ import annotations
 
@@ -37,15 +38,78 @@ def is_url(path: str) -> bool:
     return "://" in path
 
 
+class _LocalFiles:
+    """The part of tf.io.gfile this module uses, on local paths only: what `_gfile` gives where
+    TensorFlow is not installed (the accelerator image has none), so that local outputs need
+    no TensorFlow. A URL there is an error that says what is missing."""
+
+    @staticmethod
+    def _local(path: str) -> str:
+        if is_url(path):
+            raise ModuleNotFoundError(f"{path}: URLs are opened through tf.io.gfile, and "
+                                      "TensorFlow is not installed (pip install tensorflow-cpu)",
+                                      name="tensorflow")
+        return path
+
+    @classmethod
+    def exists(cls, path):
+        return os.path.exists(cls._local(path))
+
+    @classmethod
+    def isdir(cls, path):
+        return os.path.isdir(cls._local(path))
+
+    @classmethod
+    def stat(cls, path):
+        class Stat:
+            is_directory = os.path.isdir(cls._local(path))
+        os.stat(path)                       # FileNotFoundError when missing
+        return Stat
+
+    @classmethod
+    def makedirs(cls, path):
+        os.makedirs(cls._local(path), exist_ok=True)
+
+    @classmethod
+    def remove(cls, path):
+        os.remove(cls._local(path))
+
+    @classmethod
+    def listdir(cls, path):
+        return os.listdir(cls._local(path))
+
+    @classmethod
+    def rename(cls, src, dst, overwrite=False):
+        if not overwrite and os.path.exists(cls._local(dst)):
+            raise FileExistsError(f"{dst}: exists")
+        os.replace(cls._local(src), dst)
+
+    @classmethod
+    def GFile(cls, path, mode="r"):  # noqa: N802  (tf.io.gfile's name)
+        return open(cls._local(path), mode)
+
+
+def _tensorflow():
+    """TensorFlow, or None where it is not installed."""
+    try:
+        import tensorflow as tf
+    except ModuleNotFoundError as e:
+        if e.name != "tensorflow":
+            raise
+        return None
+    return tf
+
+
 def _gfile():
-    """tf.io.gfile, imported on first use (see the module docstring for why not at import)."""
-    import tensorflow as tf
-    return tf.io.gfile
+    """tf.io.gfile, imported on first use (see the module docstring for why not at import);
+    local files only (`_LocalFiles`) where TensorFlow is not installed."""
+    tf = _tensorflow()
+    return _LocalFiles if tf is None else tf.io.gfile
 
 
 def _not_found():
-    import tensorflow as tf
-    return tf.errors.NotFoundError
+    tf = _tensorflow()
+    return FileNotFoundError if tf is None else tf.errors.NotFoundError
 
 
 def exists(path: str) -> bool:

@@ -7,14 +7,19 @@ import sys
 
 import pytest
 
+from processes import without_tensorflow
 from tiny_sd import write_tiny_sd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(script: str, *args: str, returncode: int = 0) -> str:
+def _run(script: str, *args: str, returncode: int = 0, without_tf: bool = False) -> str:
+    """Runs a benchmark script on one CPU device, like a user; `without_tf`: in a process where
+    TensorFlow is not installed (tests/without_tensorflow), as on the accelerator image."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one device, like a user
     env["JAX_PLATFORMS"] = "cpu"
+    if without_tf:
+        env = without_tensorflow(env)
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), *args],
                           env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == returncode, (proc.stdout + proc.stderr)[-4000:]
@@ -45,8 +50,9 @@ def test_train_step_benchmark_compares_with_pytorch(on_device):
     pytest.importorskip("timm")
     out = _run("train_step.py", "--variant", "tiny", "--image_size", "32", "--captions", "2",
                "--views", "2", "--steps", "1", "--mlp_dim", "64", "--emb_dim", "16",
-               "--augment_on_device", on_device)
+               "--augment_on_device", on_device, "--peak_tflops", "1", without_tf=True)
     assert "ratio jax/torch images/s" in out and "utilisation" in out
+    assert "GFLOP/image (model count)" in out and "data-sheet peak 1 TFLOP/s -> MFU" in out
     assert ("colour stage in the JAX step" in out) == (on_device == "true")
 
 
@@ -365,3 +371,100 @@ def test_accelerator_plan_skips_what_this_machine_cannot_run():
     assert acc.published_peak(args, "NVIDIA H200")[0] == 989e12
     assert acc.published_peak(acc._args(["--published_peak_tflops", "700"]), "NVIDIA H200")[0] \
         == 700e12
+
+
+# benchmarks/train_levers.py: the levers of the step's speed per chip, at tiny sizes on a CPU.
+
+
+def _levers():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "train_levers_bench", os.path.join(REPO, "benchmarks", "train_levers.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module       # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_train_levers_measure_every_lever_without_tensorflow(tmp_path):
+    """--all --tiny in a process without TensorFlow: the profile's top ops, the per-chip batch
+    sweep (one process per batch), the job's XLA flags off and on (one process each, the flags
+    in that process's XLA_FLAGS) and the attention kinds; tables printed, JSON written."""
+    path = tmp_path / "levers.json"
+    out = _run("train_levers.py", "--all", "--tiny", "--json", str(path), without_tf=True)
+    result = json.loads(path.read_text())
+    profile = result["profile"]
+    assert profile["platform"] == "cpu" and 0 < len(profile["top"]) <= 10
+    assert profile["op_ms_per_step"] > 0 and os.path.isfile(profile["xplane"])
+    shares = [op["share"] for op in profile["top"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    assert all(op["count"] >= 1 and op["ms_per_step"] > 0 for op in profile["top"])
+    assert "top 10 ops by device time" in out and "| 1 | " in out
+
+    rows = result["batch"]["rows"]
+    assert [(r["captions"], r["images_per_step"]) for r in rows] == [(2, 4), (4, 8)]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["images_per_s_per_chip"] > 0 and r["tflops_per_sec_per_chip"] > 0
+        assert r["mfu"] is None                   # no data-sheet peak for a CPU
+        assert r["xla_peak_bytes"] > 0 and r["allocator_peak_bytes"] is None
+    assert "| 2 x 2 | 4 |" in out and "| 4 x 2 | 8 |" in out
+
+    flag_rows = {r["setting"]: r for r in result["xla_flags"]["rows"]}
+    assert list(flag_rows) == ["off", "job"]
+    assert flag_rows["off"]["flags"] == [] and flag_rows["off"]["vs_off"] == 1.0
+    for flag in flag_rows["job"]["flags"]:
+        assert flag in flag_rows["job"]["xla_flags"]       # what that process's XLA read
+        assert flag not in flag_rows["off"]["xla_flags"]
+    assert flag_rows["job"]["images_per_s_per_chip"] > 0
+
+    kinds = {(r["attention"], r["attention_pad_to"]): r for r in result["attention"]["rows"]}
+    assert kinds[("einsum", 1)]["images_per_s_per_chip"] > 0
+    assert kinds[("xla", 2)]["images_per_s_per_chip"] > 0
+    assert "bfloat16" in kinds[("cudnn", 64)]["skipped"]          # float32 on a CPU
+
+
+def test_train_levers_measure_and_profile_in_process(tmp_path):
+    """The functions the subprocesses run: `measure` (MFU against a given peak) and
+    `profile_step` (the top ops parsed from the .xplane.pb with jax.profiler's ProfileData)."""
+    levers = _levers()
+    sizes = levers.sizes_for(tiny=True)
+    r = levers.measure(sizes, captions=2, peak_flops=1e12)
+    assert r["images_per_step"] == 4 and r["chips"] == 1
+    assert r["mfu"] == pytest.approx(r["tflops_per_sec_per_chip"] * 1e12 / 1e12)
+    assert r["model_flops_per_step"] == 4 * r["model_flops_per_image"] > 0
+    assert r["attention"] == "auto" and r["attention_pad_to"] == 2     # the config's default
+    assert r["xla_flops_per_step_per_chip"] > 0                        # the cross-check
+    p = levers.profile_step(sizes, str(tmp_path / "trace"), steps=2, top=3)
+    assert len(p["top"]) == 3 and p["steps"] == 2 and p["distinct_ops"] >= 3
+    assert p["xplane"].startswith(str(tmp_path / "trace"))
+    totals, source = levers.op_times(p["xplane"])
+    assert "host plane" in source and max(ns for ns, _ in totals.values()) > 0
+    assert levers.table(p).count("\n") == 3 + 3
+
+
+def test_train_levers_record_a_failing_setting_and_check_names():
+    """A setting that fails (here a bad model.attention) is a row with its error, not the end
+    of the sweep; unknown candidate flags stop before anything runs; tables show errors."""
+    levers = _levers()
+    r = levers.measure_in_subprocess(levers.sizes_for(tiny=True), attention="flash",
+                                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert "model.attention='flash'" in r["error"] and r["wall_s"] > 0
+    with pytest.raises(ValueError, match="unknown candidate flag"):
+        levers.flag_settings(("no_such_flag",))
+    from stablerep_jax import xla_flags
+    settings = levers.flag_settings("all")
+    assert list(settings)[:2] == ["off", "job"]
+    assert len(settings) == 2 + len(xla_flags.CANDIDATE_GPU_FLAGS)
+    text = levers.table(dict(lever="batch", views=6, rows=[
+        dict(captions=172, images_per_step=1032, error="RESOURCE_EXHAUSTED: out of memory")]))
+    assert "| 172 x 6 | 1032 | error: RESOURCE_EXHAUSTED: out of memory |" in text
+
+
+@pytest.mark.slow
+def test_memory_benchmark_runs_without_tensorflow(tmp_path):
+    _run("memory.py", *_TINY, "--devices", "1", "--remat", "off", "--json",
+         str(tmp_path / "m.json"), without_tf=True)
+    row = json.loads((tmp_path / "m.json").read_text())["rows"][0]
+    assert row["peak"] > 0 and row["flops"] > 0 and row["model_flops"] > 0

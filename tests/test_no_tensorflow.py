@@ -1,6 +1,7 @@
 """The model, loss, optimizer, checkpoints and the jitted train step import and run without
 TensorFlow (the accelerator image has none): a subprocess in which `import tensorflow` fails
-builds the step, runs it on an 8-device mesh, saves a train checkpoint and restores it."""
+builds the step, runs it on an 8-device mesh, saves a train checkpoint and restores it, and
+writes a local file through fileio."""
 import os
 import subprocess
 import sys
@@ -61,6 +62,16 @@ _STEP_AND_CHECKPOINT = textwrap.dedent("""
     assert model_config["variant"] == "tiny"
     state, _ = parts.step_fn(restored, parallel.global_batch(mesh, batch))
     assert int(state.step) == 2
+    # Local outputs go through fileio without TensorFlow; a URL says what it would need.
+    from stablerep_jax import fileio
+    path = fileio.write_json_atomic(workdir + "/out/result.json", {"loss": loss})
+    assert fileio.read_json(path) == {"loss": loss} and fileio.isfile(path)
+    try:
+        fileio.makedirs("gs://bucket/run")
+    except ModuleNotFoundError as e:
+        assert "TensorFlow is not installed" in str(e), e
+    else:
+        raise AssertionError("a gs:// path without TensorFlow did not fail")
     hidden = sorted(m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow."))
     assert not hidden, hidden
     print("ran without tensorflow; loss", loss)
