@@ -35,3 +35,20 @@ def test_readme_commands_name_existing_modules_and_configs():
         assert os.path.exists(os.path.join(REPO, "stablerep_jax", module + ".py")), module
     for config in set(re.findall(r"configs/(\w+\.py)", text)):
         assert os.path.exists(os.path.join(REPO, "configs", config)), config
+
+
+def test_readme_is_short():
+    """A README for users; measurements and their history live in benchmarks/RESULTS.md."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    assert len(lines) <= 260, f"README.md has {len(lines)} lines (at most 260)"
+
+
+def test_readme_names_existing_benchmarks():
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    named = set(re.findall(r"benchmarks/(\w+\.py)", text))
+    assert named, "README.md names no benchmark script"
+    for script in named:
+        assert os.path.exists(os.path.join(REPO, "benchmarks", script)), script
+    assert "benchmarks/RESULTS.md" in text
+    assert os.path.exists(os.path.join(REPO, "benchmarks", "RESULTS.md"))
