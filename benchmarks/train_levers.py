@@ -42,6 +42,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, BENCH)
 
 BATCH_CAPTIONS = (43, 86, 172)     # x 6 views: 258, 516, 1032 images per chip
+MEM_FRACTION = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 
 
 @dataclasses.dataclass
@@ -111,6 +112,10 @@ def run_in_subprocess(what: str, sizes: Sizes, env: dict | None = None,
     the accelerator. Returns its dict, or {"error": the last lines of its output} when it
     failed (e.g. out of memory) or ran past `timeout_s` (then also "timed_out": True), with
     "wall_s" either way."""
+    if _jax_started():
+        print("train_levers: this process has started JAX and may hold the accelerator's "
+              "memory; the subprocess may run out of it (call the levers from a process that "
+              "has not, or set XLA_PYTHON_CLIENT_PREALLOCATE=false)", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="levers_") as scratch:
         out = os.path.join(scratch, "result.json")
         request = dict(what=what, sizes=dataclasses.asdict(sizes), kwargs=kwargs, out=out)
@@ -129,6 +134,13 @@ def run_in_subprocess(what: str, sizes: Sizes, env: dict | None = None,
             return dict(error="\n".join(tail) or f"exit status {proc.returncode}", wall_s=wall)
         with open(out, encoding="utf-8") as f:
             return dict(json.load(f), wall_s=wall)
+
+
+def _jax_started() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    from stablerep_jax import xla_flags
+    return xla_flags._backend_started()
 
 
 def measure_in_subprocess(sizes: Sizes, env: dict | None = None, timeout_s: float = 600,
@@ -157,10 +169,15 @@ def batch_sweep(sizes: Sizes, captions: tuple | None = None, peak_flops: float =
     """The step at each per-chip batch (`captions` x sizes.views images; default 43 / 86 / 172
     x 6), one process each: images/s per chip, model TFLOP/s per chip, MFU against
     `peak_flops` (FLOP/s per chip; 0: the data-sheet table's, None for an unknown chip), XLA's
-    and the allocator's peak bytes. A batch that does not fit is a row with "error"."""
+    and the allocator's peak bytes. A batch that does not fit is a row with "error". The
+    processes may take 95% of the device memory (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set)."""
+    # JAX takes 75% of a GPU's memory by default: the largest batch may need more (ViT-B/16 at
+    # 258 images held 31 GiB on an H200). A value already in the environment wins.
+    env = {**os.environ, MEM_FRACTION: os.environ.get(MEM_FRACTION, "0.95")}
     rows = []
     for n in captions or sizes.batch_captions:
-        r = measure_in_subprocess(sizes, captions=n, peak_flops=peak_flops, timeout_s=timeout_s)
+        r = measure_in_subprocess(sizes, env=env, captions=n, peak_flops=peak_flops,
+                                  timeout_s=timeout_s)
         rows.append(dict(captions=n, images_per_step=n * sizes.views, **_row(r)))
     return dict(lever="batch", views=sizes.views, rows=rows)
 

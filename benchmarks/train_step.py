@@ -215,7 +215,8 @@ def measure_step(config, steps: int, devices=None, peak_flops: float = 0.0,
         xla_peak_bytes=xla_peak, allocator_peak_bytes=stats.get("peak_bytes_in_use"),
         attention=str(config.model.attention),
         attention_pad_to=int(config.model.get("attention_pad_to", 1)),
-        dtype=str(config.model.dtype), augment_on_device=bool(config.data.augment_on_device))
+        dtype=str(config.model.dtype),
+        augment_on_device=bool(config.data.get("augment_on_device", True)))
 
 
 def bench_jax(config, batch, steps: int, devices=None) -> tuple[float, float]:
