@@ -25,11 +25,19 @@ final name and redoes the rest. A resume with the same devices and batch gives t
 as an uninterrupted run; other batch shapes change pixels by float rounding only (bounds in
 `generation/sampler.py`). summary.json keeps the earlier runs: it is rewritten after every shard
 a run finishes, so even a killed run's finished shards are counted.
+SIGTERM (preemption; `preemption.PreemptionWatch`, installed first): each host dispatches no
+new batch, writes the shards whose images are all sampled and drops the one it was sampling
+(a rerun redoes it); host 0 writes manifest.json over the shards on disk (`complete: false`),
+and every host exits 75 (`cli.EXIT_RESUME`). During start-up (reading captions, loading and
+compiling the model) a single process stops at once. Several hosts stop together at JAX's
+preemption sync point when jax.distributed's preemption service is on (a notice to one host
+reaches all); otherwise each host stops on its own notice, and all exit 75.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -47,7 +55,7 @@ from absl import flags, logging
 from PIL import Image
 from tqdm import tqdm
 
-from stablerep_jax import cli, contact_sheet, fileio, parallel
+from stablerep_jax import cli, contact_sheet, fileio, parallel, preemption
 from stablerep_jax.data import records, shard_plan
 from stablerep_jax.generation import captions as captions_lib
 
@@ -251,11 +259,13 @@ class _ShardWriter:
         return sum(not f.done() for fs in self.encoded.values() for f in fs)
 
     def close(self, wait_for_writes: bool = True) -> None:
+        """Waits for the shards already complete to be written (unless `wait_for_writes` is
+        False); images of shards still incomplete (a stop) are dropped, never written."""
         try:
             if wait_for_writes:
                 self._reap(limit=0)
         finally:
-            self.encoders.shutdown(wait=True, cancel_futures=not wait_for_writes)
+            self.encoders.shutdown(wait=True, cancel_futures=True)
             self.writer.shutdown(wait=True, cancel_futures=not wait_for_writes)
 
 
@@ -280,10 +290,14 @@ def _batches(items, size: int):
 
 def generate_shards(sampler: sampler_lib.Sampler, shards: Sequence[Shard], config,
                     output_dir: str, captions: captions_lib.Captions,
-                    on_progress: Callable[[dict], None] | None = None) -> dict:
+                    on_progress: Callable[[dict], None] | None = None,
+                    stop: Callable[[int], bool] | None = None) -> dict:
     """Samples and writes the given shards; returns counts and timings of this run.
 
-    `on_progress` gets the same counts, so far, each time a shard has been written."""
+    `on_progress` gets the same counts, so far, each time a shard has been written.
+    `stop(n)` is asked before the n-th batch (0, 1, ...) is dispatched: when it says True, no
+    further batch is dispatched, the batches in flight are finished, the shards whose images
+    are all sampled are written and the rest are dropped; the counts then say `stopped`."""
     k = config.images_per_caption
     seeds = sampler_lib.image_seeds(config.seed, k)
     tokens: dict[int, np.ndarray] = {}      # token ids of the shards being dispatched
@@ -295,6 +309,7 @@ def generate_shards(sampler: sampler_lib.Sampler, shards: Sequence[Shard], confi
         return {"images": stats["captions"] * k, "captions": stats["captions"],
                 "shards_written": stats["shards"], "seconds": time.perf_counter() - start,
                 "truncated_captions": stats["truncated_captions"]}
+    stopped = False
 
     def written(shard: Shard) -> None:
         stats["shards"] += 1
@@ -315,7 +330,10 @@ def generate_shards(sampler: sampler_lib.Sampler, shards: Sequence[Shard], confi
         bar.update(n)
 
     try:
-        for batch in _batches(_work_items(shards, k), sampler.batch_size):
+        for n, batch in enumerate(_batches(_work_items(shards, k), sampler.batch_size)):
+            if stop is not None and stop(n):
+                stopped = True
+                break
             for shard in dict.fromkeys(s for s, _, _ in batch):   # a batch may span shards
                 if shard.index not in tokens:
                     ids, truncated = sampler.tokenize(
@@ -340,7 +358,11 @@ def generate_shards(sampler: sampler_lib.Sampler, shards: Sequence[Shard], confi
         bar.close()
         if not ok:
             writer.close(wait_for_writes=False)
-    return counts()
+    if stopped:
+        logging.warning("stopped (SIGTERM) after %d of this host's %d shards to generate; "
+                        "every written shard is complete, the one being sampled was dropped",
+                        stats["shards"], len(shards))
+    return dict(counts(), stopped=stopped)
 
 
 def write_manifest(output_dir: str, shards: Sequence[Shard], config, settings: dict) -> dict:
@@ -396,7 +418,33 @@ def run(config, *, sampler: sampler_lib.Sampler | None = None,
     `process_index` / `process_count` default to JAX's; set them to run one host's share in a
     single process (hosts run that way one after another; host 0 last writes the full manifest).
     Every input problem raises before the model is loaded or anything is written.
+    No SIGTERM handler: see `run_until_preempted`.
     """
+    return _run(config, sampler, process_index, process_count, None)
+
+
+def run_until_preempted(config, *, sampler: sampler_lib.Sampler | None = None,
+                        process_index: int | None = None,
+                        process_count: int | None = None) -> tuple[dict | None, bool]:
+    """`run` under a SIGTERM handler (`preemption.PreemptionWatch`, installed first): returns
+    (this run's summary or None, preempted). A notice stops each host before its next batch;
+    the shards complete by then are written, host 0 writes the manifest over the shards on
+    disk (`complete: false`) and `preempted` is True on every host. A notice during start-up
+    (one process) stops at once: (None, True)."""
+    # The sync point is no collective, so hosts with unequal shares can ask it; without JAX's
+    # preemption service each host answers for itself (an all-gather would hang on a host
+    # that has finished its share).
+    agree = bool(jax.config.jax_enable_preemption_service)
+    with preemption.PreemptionWatch(agree=agree) as watch:
+        try:
+            summary = _run(config, sampler, process_index, process_count, watch)
+        except preemption.PreemptedAtStartup:
+            logging.warning("stopped by SIGTERM during start-up: no shard was started")
+            return None, True
+        return summary, summary["preempted"]
+
+
+def _run(config, sampler, process_index, process_count, watch) -> dict:
     wall_start = time.perf_counter()
     check_config(config)
     captions = captions_lib.read_captions(config.captions, config.caption_column)
@@ -441,6 +489,7 @@ def run(config, *, sampler: sampler_lib.Sampler | None = None,
 
     stats = {"images": 0, "captions": 0, "shards_written": 0, "seconds": 0.0,
              "truncated_captions": 0}
+    stopped = False
     if todo:
         if sampler is None:
             devices = jax.local_devices()
@@ -453,24 +502,31 @@ def run(config, *, sampler: sampler_lib.Sampler | None = None,
             raise ValueError(f"the given sampler ({sampler.model!r}, {sampler.settings}) does not "
                              f"match the config ({config.model!r}, {sampling_settings(config)})")
         sampler.compile()
-        stats = generate_shards(sampler, todo, config, output_dir, captions,
-                                on_progress=lambda counts: save_summary(counts, False))
+        stop = None if watch is None else watch.should_stop
+        with contextlib.nullcontext() if watch is None else watch.working():
+            stats = generate_shards(sampler, todo, config, output_dir, captions,
+                                    on_progress=lambda counts: save_summary(counts, False),
+                                    stop=stop)
+        stopped = stats.pop("stopped")
 
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("stablerep_jax.generate: shards written")
+        if watch is not None:     # one host stopped: every host says so (and exits 75)
+            stopped = bool(np.max(multihost_utils.process_allgather(
+                np.array(stopped, np.int32))))
     if process_index == 0:
         write_manifest(output_dir, shards, config, settings)
         if config.contact_sheet_captions:
             write_contact_sheet(output_dir, shards, config.contact_sheet_captions)
 
     if stats["images"]:
-        entry = save_summary(stats, True)
+        entry = save_summary(stats, not stopped)
     else:     # a no-op rerun adds no run and keeps the numbers
         entry = _run_entry(stats, sampler, started=started, wall_start=wall_start, finished=True)
         if not fileio.exists(summary_path):
             fileio.write_json_atomic(summary_path, summarize([], host))
-    summary = dict(host, **entry)
+    summary = dict(host, **entry, preempted=stopped)
     logging.info("generated %d images in %.1f s (%.2f images/s, %.2f per device); %d captions "
                  "truncated to %d tokens", stats["images"], stats["seconds"], entry["images_per_s"],
                  summary["images_per_s_per_device"], stats["truncated_captions"],
@@ -480,7 +536,8 @@ def run(config, *, sampler: sampler_lib.Sampler | None = None,
 
 def main(config):
     parallel.start_job(flags.FLAGS)
-    run(config)
+    _, preempted = run_until_preempted(config)
+    return cli.EXIT_RESUME if preempted else cli.EXIT_OK
 
 
 if __name__ == "__main__":

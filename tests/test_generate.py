@@ -225,6 +225,117 @@ def test_a_killed_run_resumes_to_the_uninterrupted_output(model, captions_file, 
     assert not [n for n in os.listdir(out) if n.endswith(records.TMP_SUFFIX)]
 
 
+def _same_output(out, expected_dir):
+    """Every shard of an uninterrupted run's output, record for record (bytes of the images)."""
+    got, expected = _read_output(out), _read_output(expected_dir)
+    assert sorted(got) == sorted(expected)
+    for cid, rec in got.items():
+        ref = expected[cid]
+        assert (rec.caption, rec.seeds, rec.images) == (ref.caption, ref.seeds, ref.images)
+    assert records.read_manifest(str(out))["shards"] == records.read_manifest(
+        str(expected_dir))["shards"]
+    assert not [n for n in os.listdir(out) if n.endswith(records.TMP_SUFFIX)]
+
+
+@pytest.fixture(scope="module")
+def long_run(model, sampler8, tmp_path_factory):
+    """30 captions (10 shards of 3, 60 images: 8 batches of 8 on sampler8) and the output of an
+    uninterrupted run: (captions file, output dir)."""
+    root = tmp_path_factory.mktemp("long")
+    captions = _write_captions(root / "captions.txt",
+                               [f"{c} number {i}" for i, c in enumerate(KEPT[:6] * 5)])
+    generate.run(_config(model, captions, root / "straight"), sampler=sampler8)
+    return captions, root / "straight"
+
+
+def test_sigterm_drops_the_shard_being_sampled_and_a_rerun_completes(
+        model, sampler8, long_run, tmp_path, monkeypatch):
+    """generate ignored preemption (143 from SIGTERM). A notice now stops it before its next
+    batch: the batches in flight finish, the shards they complete are written, the shard
+    being sampled is dropped, host 0 writes the manifest over the shards on disk (incomplete)
+    and the run says it was preempted (exit 75); the rerun equals an uninterrupted run."""
+    import signal
+    captions, straight = long_run
+    real_dispatch, calls = sampler8.dispatch, []
+
+    def dispatch_then_sigterm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_dispatch(*args, **kwargs)
+    monkeypatch.setattr(sampler8, "dispatch", dispatch_then_sigterm)
+    out = tmp_path / "out"
+    handler = signal.getsignal(signal.SIGTERM)
+    summary, preempted = generate.run_until_preempted(_config(model, captions, out),
+                                                      sampler=sampler8)
+    assert signal.getsignal(signal.SIGTERM) is handler          # the watch put it back
+    # Batches 0 and 1 (images 0-15) were in flight: shards 0 (images 0-5) and 1 (6-11) are
+    # written, shard 2 (4 of its 6 images sampled) is dropped.
+    assert preempted and summary["preempted"] and len(calls) == 2
+    assert (summary["shards_written"], summary["captions"]) == (2, 6)
+    names = sorted(n for n in os.listdir(out) if n.endswith(records.SHARD_SUFFIX))
+    assert names == ["train-00000-of-00010.tfrecord", "train-00001-of-00010.tfrecord"]
+    manifest = records.read_manifest(str(out))
+    assert not manifest["complete"] and sorted(manifest["shards"]) == names
+    assert not [n for n in os.listdir(out) if n.endswith(records.TMP_SUFFIX)]
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert [(r["shards_written"], r["finished"]) for r in runs] == [(2, False)]
+    monkeypatch.undo()
+
+    rerun, preempted = generate.run_until_preempted(_config(model, captions, out),
+                                                    sampler=sampler8)
+    assert not preempted and rerun["shards_written"] == 8
+    assert records.read_manifest(str(out))["complete"]
+    _same_output(out, straight)
+
+
+def test_sigterm_during_startup_stops_before_any_shard(model, captions_file, tmp_path,
+                                                       monkeypatch):
+    """Start-up (captions, model, compilation: minutes on a pod) ends at once on a notice."""
+    import signal
+    real_read = captions_lib.read_captions
+
+    def read_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_read(*args, **kwargs)
+    monkeypatch.setattr(captions_lib, "read_captions", read_then_sigterm)
+    out = tmp_path / "out"
+    assert generate.run_until_preempted(_config(model, captions_file, out)) == (None, True)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_sigterm_through_the_command_line_exits_75_and_a_rerun_completes(
+        model, sampler8, long_run, tmp_path):
+    """`python -m stablerep_jax.generate` (8 devices x 1 image, the batch shape of sampler8)
+    gets SIGTERM once it has written its first shard: exit 75 (launch/generate_tpu.yaml
+    recovers on 75 only), an incomplete manifest; the rerun's output equals an uninterrupted
+    run's, byte for byte."""
+    import signal
+    captions, straight = long_run
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "stablerep_jax.generate", "--config=configs/generate.py:tiny",
+               f"--config.model={model}", f"--config.captions={captions}",
+               f"--config.output_dir={out}", f"--config.images_per_caption={K}",
+               "--config.captions_per_shard=3"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines = []
+    for line in proc.stdout:                 # absl logs each shard it writes
+        lines.append(line)
+        if "wrote train-00000-of-00010.tfrecord" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, output[-3000:]
+    assert "stopped early to be resumed (exit code 75)" in output
+    manifest = records.read_manifest(str(out))
+    assert not manifest["complete"] and 1 <= manifest["num_shards"] < 10
+    rerun = generate.run(_config(model, captions, out), sampler=sampler8)
+    assert rerun["shards_written"] == 10 - manifest["num_shards"]
+    _same_output(out, straight)
+
+
 def test_summary_keeps_every_run_and_a_failed_runs_finished_shards(
         model, captions_file, sampler8, tmp_path, monkeypatch):
     """A resume adds its run to summary.json instead of replacing the earlier ones; a run that
