@@ -185,8 +185,7 @@ def attention_part(sizes: Sizes, attention: str) -> dict:
     from stablerep_jax.models import encoder
     config = bench.make_config(argparse.Namespace(
         captions=sizes.captions, views=sizes.views, image_size=sizes.image_size,
-        variant=sizes.variant, mlp_dim=sizes.mlp_dim, emb_dim=sizes.emb_dim, dtype=sizes.dtype,
-        augment_on_device=None))                     # the config's default, as training
+        variant=sizes.variant, mlp_dim=sizes.mlp_dim, emb_dim=sizes.emb_dim, dtype=sizes.dtype))
     config.model.depth = sizes.depth
     config.model.patch_size = sizes.patch_size
     if "attention" in config.model:
@@ -207,7 +206,6 @@ def attention_part(sizes: Sizes, attention: str) -> dict:
                   images_per_s=images / seconds, flops_per_step=flops,
                   flops_per_image=flops / images, matmul_peak_flops=peak,
                   utilisation_measured=flops / seconds / peak, memory=memory,
-                  augment_on_device=bool(config.data.augment_on_device),
                   settings=dataclasses.asdict(sizes))
     if attention == "einsum":          # the same for every attention kind: timed once
         result["colour_stage"] = colour_stage_timing(sizes, device)

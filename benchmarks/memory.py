@@ -15,11 +15,10 @@ program costs (`cost_analysis()`), so the price of remat shows as extra FLOPs (a
 `model_flops`: the model's own count from `stablerep_jax.flops`, which leaves remat out). It
 runs without TensorFlow.
 
-The batch is the one the input pipeline hands to `train`: with `data.augment_on_device` (the
-config's default; `--augment_on_device false` to change it) uint8 views plus their colour
+The batch is the one the input pipeline hands to `train`: uint8 views plus their colour
 parameters, so the step includes the colour stage (jitter, grayscale, blur, normalisation) that
-`device_augment.model_images` runs inside it; without it, views finished on the host in
-`data.image_dtype` (`abstract_batch`, which benchmarks/train_step.py and sizing.py share).
+`device_augment.model_images` runs inside it (`abstract_batch`, which benchmarks/train_step.py
+and sizing.py share).
 
 `--tpu_topology` compiles for a TPU slice without one (JAX's deviceless ahead-of-time path; it
 needs the `libtpu` wheel importable, e.g. `pip install libtpu`, or its folder in --libtpu_path).
@@ -64,7 +63,6 @@ def _args(argv=None):
     p.add_argument("--text_depth", type=int, default=0, help="> 0 overrides the text tower's")
     p.add_argument("--text_width", type=int, default=0, help="> 0 overrides the text tower's")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    add_augment_on_device_flag(p)
     p.add_argument("--devices", type=int, default=0,
                    help="mesh size (default: every device of the backend or topology)")
     p.add_argument("--tpu_topology", default="", help="e.g. v5e:4x8, v4:2x2x1, v5p:2x2x4")
@@ -78,27 +76,6 @@ def _args(argv=None):
     if bad:
         p.error(f"unknown value(s) {bad}: --kinds takes {', '.join(PRESETS)}, --remat off/on")
     return args
-
-
-def add_augment_on_device_flag(parser) -> None:
-    """--augment_on_device true|false: the config key `data.augment_on_device` (default: the
-    config's own value)."""
-    parser.add_argument("--augment_on_device", default=None, type=_bool, metavar="true|false",
-                        help="data.augment_on_device: uint8 views + colour parameters finished "
-                        "in the step (true), or views finished on the host (false); default: "
-                        "configs/stablerep.py's")
-
-
-def _bool(text: str) -> bool:
-    if text.lower() not in ("true", "false"):
-        raise argparse.ArgumentTypeError(f"{text!r}: use true or false")
-    return text.lower() == "true"
-
-
-def set_augment_on_device(config, value) -> None:
-    """Applies --augment_on_device (None keeps the config's value)."""
-    if value is not None:
-        config.data.augment_on_device = bool(value)
 
 
 def target_devices(args) -> list:
@@ -132,7 +109,6 @@ def train_config(args, kind: str, variant: str, remat: bool, n_devices: int):
     c.model.emb_dim = args.emb_dim
     c.model.dtype = args.dtype
     c.model.remat = remat
-    set_augment_on_device(c, args.augment_on_device)
     if args.text_depth > 0:
         c.model.text_depth = args.text_depth
     if args.text_width > 0:
@@ -144,21 +120,17 @@ def train_config(args, kind: str, variant: str, remat: bool, n_devices: int):
 
 def abstract_batch(config) -> dict:
     """ShapeDtypeStructs of one global batch as the input pipeline yields it to `train`
-    (`pipeline.make_train_iterator`): with data.augment_on_device uint8 views and their colour
-    parameters (finished inside the step), else views finished in data.image_dtype."""
+    (`pipeline.make_train_iterator`): uint8 views and their colour parameters (finished inside
+    the step)."""
     import jax
     import jax.numpy as jnp
 
     from stablerep_jax.data import recipe
     b, size = config.batch_size, config.model.image_size
     views = config.data.n_img * config.data.num_crop
-    on_device = recipe.augment_on_device(config.data)
-    dtype = jnp.uint8 if on_device else jnp.dtype(config.data.image_dtype)
-    batch = {"images": jax.ShapeDtypeStruct((b, views, size, size, 3), dtype),
+    batch = {"images": jax.ShapeDtypeStruct((b, views, size, size, 3), jnp.uint8),
+             recipe.PARAMS_KEY: jax.ShapeDtypeStruct((b, views, recipe.NUM_PARAMS), jnp.float32),
              "labels": jax.ShapeDtypeStruct((b,), jnp.int32)}
-    if on_device:
-        batch[recipe.PARAMS_KEY] = jax.ShapeDtypeStruct((b, views, recipe.NUM_PARAMS),
-                                                        jnp.float32)
     if config.model.add_language:
         batch["tokens"] = jax.ShapeDtypeStruct((b, config.model.context_length), jnp.int32)
     return batch
@@ -194,10 +166,9 @@ def measure(args) -> dict:
     devices = target_devices(args)
     platform = devices[0].platform
     kind_name = getattr(devices[0], "device_kind", platform)
-    on_device = _augment_on_device(args)
     print(f"target: {platform} ({kind_name}), mesh of {len(devices)} devices, "
           f"{args.captions} captions x {args.views} images per device, {args.dtype}, colour "
-          f"stage {'in the step' if on_device else 'on the host (not in the step)'}", flush=True)
+          "stage in the step", flush=True)
     rows = []
     for variant in args.variants:
         for kind in args.kinds:
@@ -225,15 +196,7 @@ def measure(args) -> dict:
                       flush=True)
     return dict(platform=platform, device_kind=kind_name, devices=len(devices),
                 captions_per_device=args.captions, views=args.views, dtype=args.dtype,
-                image_size=args.image_size, augment_on_device=on_device, rows=rows)
-
-
-def _augment_on_device(args) -> bool:
-    """What the step is built with: --augment_on_device, else the config's default."""
-    from stablerep_jax.data import recipe
-    kind = args.kinds[0] if args.kinds else "stablerep"
-    config = train_config(args, kind, args.variants[0] if args.variants else "base", False, 1)
-    return recipe.augment_on_device(config.data)
+                image_size=args.image_size, rows=rows)
 
 
 def _model_flops_per_device(config, n_devices: int) -> float:

@@ -10,8 +10,7 @@ Measured on ONE device of the default JAX backend (the per-chip rate, no communi
   UNet passes per step), VAE decode, images on the host;
 - training: our jitted StableRep step (ViT-B/16 + MLP head, multi-positive loss, AdamW) on
   `--train_captions` captions x 6 images of 224px, the paper's per-GPU batch by default (43),
-  fed as the input pipeline feeds `train`: with `data.augment_on_device` (the config's default;
-  `--augment_on_device false` to change it) uint8 views plus colour parameters, so the rate and
+  fed as the input pipeline feeds `train`: uint8 views plus colour parameters, so the rate and
   FLOPs include the colour stage the step runs (benchmarks/train_step.py's `random_batch`).
 
 Each rate comes with the FLOPs per image that XLA's cost analysis counts for the compiled
@@ -49,7 +48,6 @@ sys.path.insert(0, REPO)
 from stablerep_jax import train  # noqa: E402
 from stablerep_jax.generation import sampler as sampler_lib  # noqa: E402
 from tiny_sd import write_tiny_sd  # noqa: E402
-from memory import add_augment_on_device_flag  # noqa: E402
 from train_step import bench_jax, make_config, matmul_peak_flops, random_batch  # noqa: E402
 
 CAPTION = "a photo of a red bicycle leaning on a brick wall"
@@ -73,7 +71,6 @@ def _args(argv=None):
     p.add_argument("--views", type=int, default=6, help="images per caption (n_img)")
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--train_steps", type=int, default=5, help="timed steps (after 2 warm-up)")
-    add_augment_on_device_flag(p)
     p.add_argument("--dataset_captions", type=float, default=10e6,
                    help="captions in the data set (CC12M: about 10M)")
     p.add_argument("--images_per_caption", type=int, default=10, help="generated per caption")
@@ -153,15 +150,13 @@ def measure_generation(args, device) -> dict:
 def measure_training(args, device) -> dict:
     config = make_config(argparse.Namespace(
         captions=args.train_captions, views=args.views, image_size=args.image_size,
-        variant=args.variant, mlp_dim=4096, emb_dim=256, dtype=args.dtype,
-        augment_on_device=args.augment_on_device))
+        variant=args.variant, mlp_dim=4096, emb_dim=256, dtype=args.dtype))
     seconds, flops = bench_jax(config, random_batch(config), args.train_steps, devices=[device])
     images = args.train_captions * args.views
     return dict(images_per_s=images / seconds, seconds_per_step=seconds,
                 flops_per_image=flops / images,
                 settings=dict(variant=args.variant, captions=args.train_captions,
-                              views=args.views, image_size=args.image_size, dtype=args.dtype,
-                              augment_on_device=bool(config.data.augment_on_device)))
+                              views=args.views, image_size=args.image_size, dtype=args.dtype))
 
 
 def chip_hours(args, gen_rate: float | None, train_rate: float | None) -> dict:

@@ -80,7 +80,7 @@ def make_config(sizes: Sizes, captions: int | None = None, attention: str | None
     config = bench.make_config(argparse.Namespace(
         captions=captions or sizes.captions, views=sizes.views, image_size=sizes.image_size,
         variant=sizes.variant, mlp_dim=sizes.mlp_dim, emb_dim=sizes.emb_dim, dtype=sizes.dtype,
-        augment_on_device=None, attention=attention, attention_pad_to=attention_pad_to))
+        attention=attention, attention_pad_to=attention_pad_to))
     config.model.depth = sizes.depth
     config.model.patch_size = sizes.patch_size
     return config

@@ -16,8 +16,7 @@ function other benchmarks (train_levers.py, accelerator.py) call.
 Prints one table; nothing is asserted. On a GPU/TPU the JAX side runs on the accelerator; the
 PyTorch side runs on CUDA when available, otherwise on the CPU.
 
-The JAX step gets the batch the input pipeline hands to `train` (`memory.abstract_batch`): with
-`data.augment_on_device` (the config's default; `--augment_on_device false` to change it) uint8
+The JAX step gets the batch the input pipeline hands to `train` (`memory.abstract_batch`): uint8
 views plus their colour parameters, so its time and FLOPs include the colour stage (jitter,
 grayscale, blur, normalisation) that runs inside the step. The PyTorch side gets the same views
 as float input without that stage (the reference runs it in its data-loader workers).
@@ -68,7 +67,6 @@ def parse_args():
                    help="model.attention_pad_to (default: the config's)")
     p.add_argument("--peak_tflops", type=float, default=0.0,
                    help="the chip's data-sheet peak for MFU (default: flops' table, if known)")
-    memory.add_augment_on_device_flag(p)
     return p.parse_args()
 
 
@@ -83,7 +81,6 @@ def make_config(args):
     config.model.dtype = args.dtype
     config.data.image_dtype = args.dtype     # the model's input, as memory.py sets it
     config.optim.warmup_steps = 1
-    memory.set_augment_on_device(config, getattr(args, "augment_on_device", None))
     if getattr(args, "attention", None) is not None:
         config.model.attention = args.attention
     if getattr(args, "attention_pad_to", None) is not None:
@@ -215,8 +212,7 @@ def measure_step(config, steps: int, devices=None, peak_flops: float = 0.0,
         xla_peak_bytes=xla_peak, allocator_peak_bytes=stats.get("peak_bytes_in_use"),
         attention=str(config.model.attention),
         attention_pad_to=int(config.model.get("attention_pad_to", 1)),
-        dtype=str(config.model.dtype),
-        augment_on_device=bool(config.data.get("augment_on_device", True)))
+        dtype=str(config.model.dtype))
 
 
 def bench_jax(config, batch, steps: int, devices=None) -> tuple[float, float]:

@@ -70,10 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_bad_fraction = 0.01  # drop undecodable records, fail above this fraction
     c.data.tokenizer = config_dict.placeholder(str)  # CLIP tokenizer dir (StableRep++)
     c.data.image_dtype = "bfloat16"
-    # The strong recipe's colour stage (jitter, grayscale, blur) and normalisation run in the
-    # jitted train step on the accelerator from parameters the host draws per view (False: all
-    # on the host, ~3x the host CPU per image; the same views either way).
-    c.data.augment_on_device = True
+    # The host crops, resizes and flips each view (uint8) and draws its colour parameters; the
+    # colour stage (jitter, grayscale, blur) and normalisation run in the jitted train step.
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = "base"       # tiny / small / base / large (timm vit_*_patch16_224)

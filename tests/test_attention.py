@@ -175,7 +175,6 @@ def _config(kind: str, pad_to: int):
     config.model.context_length = 7
     config.model.vocab_size = 50
     config.model.image_size = 40            # 25 patches + CLS: odd, so padding happens
-    config.data.augment_on_device = False
     config.model.attention, config.model.attention_pad_to = kind, pad_to
     return config
 

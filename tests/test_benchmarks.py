@@ -45,15 +45,14 @@ def test_sizing_measures_both_jobs_and_prices_cc12m(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("on_device", ["true", "false"])
-def test_train_step_benchmark_compares_with_pytorch(on_device):
+def test_train_step_benchmark_compares_with_pytorch():
     pytest.importorskip("timm")
     out = _run("train_step.py", "--variant", "tiny", "--image_size", "32", "--captions", "2",
                "--views", "2", "--steps", "1", "--mlp_dim", "64", "--emb_dim", "16",
-               "--augment_on_device", on_device, "--peak_tflops", "1", without_tf=True)
+               "--peak_tflops", "1", without_tf=True)
     assert "ratio jax/torch images/s" in out and "utilisation" in out
     assert "GFLOP/image (model count)" in out and "data-sheet peak 1 TFLOP/s -> MFU" in out
-    assert ("colour stage in the JAX step" in out) == (on_device == "true")
+    assert "colour stage in the JAX step" in out
 
 
 def test_sizing_rejects_a_bad_projection_before_measuring(capsys):
@@ -102,7 +101,6 @@ def test_memory_benchmark_reports_per_device_bytes_of_the_real_step(tmp_path):
 
     state = sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
         device_bytes, parts.abstract_state, parts.shardings)))
-    assert results["augment_on_device"]           # the config's default: as training runs
     # 4 captions x 2 uint8 views + their 12 float32 colour parameters, int32 labels
     batch = 4 * 2 * 32 * 32 * 3 + 4 * 2 * 12 * 4 + 4 * 4
     assert off["argument"] == state + batch
@@ -121,52 +119,48 @@ def test_memory_benchmark_reports_per_device_bytes_of_the_real_step(tmp_path):
 
 @pytest.mark.slow
 def test_memory_benchmark_counts_the_device_colour_stage():
-    """With data.augment_on_device the step takes uint8 views plus colour parameters, as the
-    pipeline hands them to train, and finishes them itself: XLA counts the colour stage's FLOPs
-    in the step, and the batch argument is a quarter of the float32 one (plus the parameters)."""
+    """The step takes uint8 views plus colour parameters, as the pipeline hands them to train,
+    and finishes them itself: XLA counts the colour stage's FLOPs in the step measured, beyond
+    those of the same step fed finished float32 views."""
     import jax
     import numpy as np
 
-    from stablerep_jax import train
+    from stablerep_jax import parallel, train
     from stablerep_jax.data import augment, device_augment
     memory = _memory_module()
-    rows = {}
-    for flag in ("true", "false"):
-        result = memory.measure(memory._args(_TINY + ["--devices", "1", "--remat", "off",
-                                                      "--augment_on_device", flag]))
-        assert result["augment_on_device"] == (flag == "true")
-        rows[flag] = result["rows"][0]
-    on, off = rows["true"], rows["false"]
+    args = memory._args(_TINY + ["--devices", "1", "--remat", "off"])
+    on = memory.measure(args)["rows"][0]
+    config = memory.train_config(args, "stablerep", "tiny", False, 1)
+    parts = train.build_training(config, parallel.make_mesh(jax.devices()[:1]), 100, 0)
+    finished = {k: v for k, v in memory.abstract_batch(config).items() if k != augment.PARAMS_KEY}
+    finished["images"] = jax.ShapeDtypeStruct(finished["images"].shape, np.float32)
+    off = train.compiled_flops(parts.step_fn.lower(parts.abstract_state, finished).compile())
     views = 4 * 2
-    assert off["argument"] - on["argument"] == views * 32 * 32 * 3 * (4 - 1) - views * 12 * 4
     spec = augment.AugmentSpec(size=32, recipe="strong", dtype="float32")
     stage = train.compiled_flops(jax.jit(lambda x, p: device_augment.finish_views(
         x, p, spec)).lower(jax.ShapeDtypeStruct((views, 32, 32, 3), np.uint8),
                            jax.ShapeDtypeStruct((views, 12), np.float32)).compile())
     assert stage > 0
-    assert on["flops"] - off["flops"] > 0.5 * stage, (on["flops"], off["flops"], stage)
+    assert on["flops"] - off > 0.5 * stage, (on["flops"], off, stage)
 
 
 def test_benchmark_batches_are_the_pipelines():
-    """train_step.py's (and so sizing.py's) random batch has memory.py's shapes and dtypes for
-    either data.augment_on_device, with colour parameters a real view could have."""
+    """train_step.py's (and so sizing.py's) random batch has memory.py's shapes and dtypes,
+    uint8 views with colour parameters a real view could have."""
     import argparse
 
     import numpy as np
 
     from stablerep_jax.data import augment
     bench = _benchmark_module("train_step.py")
-    for on_device in (True, False):
-        config = bench.make_config(argparse.Namespace(
-            captions=3, views=2, image_size=16, variant="tiny", mlp_dim=8, emb_dim=4,
-            dtype="bfloat16", augment_on_device=on_device))
-        batch = bench.random_batch(config)
-        specs = bench.memory.abstract_batch(config)
-        assert {k: (v.shape, v.dtype) for k, v in batch.items()} == \
-            {k: (v.shape, v.dtype) for k, v in specs.items()}
-        assert (augment.PARAMS_KEY in batch) == on_device
-        assert batch["images"].dtype == (np.uint8 if on_device else specs["images"].dtype)
-        assert on_device or specs["images"].dtype.name == "bfloat16"   # data.image_dtype
+    config = bench.make_config(argparse.Namespace(
+        captions=3, views=2, image_size=16, variant="tiny", mlp_dim=8, emb_dim=4,
+        dtype="bfloat16"))
+    batch = bench.random_batch(config)
+    specs = bench.memory.abstract_batch(config)
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == \
+        {k: (v.shape, v.dtype) for k, v in specs.items()}
+    assert augment.PARAMS_KEY in batch and batch["images"].dtype == np.uint8
     params = bench.random_view_params(np.random.default_rng(1), (500,))
     for flag in (augment.P_JITTER, augment.P_GRAY, augment.P_BLUR):
         assert set(np.unique(params[:, flag])) == {0.0, 1.0}
@@ -307,8 +301,7 @@ def test_accelerator_run_writes_every_part_and_a_summary(tmp_path):
     assert einsum["images_per_step"] == 2 * 2 and einsum["flops_per_step"] > 0
     assert training["vs_einsum"] == 1.0 and 0 < training["utilisation_measured"]
     assert training["utilisation_published"] is None     # no published peak for a CPU
-    assert einsum["augment_on_device"]                   # the step runs the colour stage
-    colour = summary["colour_stage"]                     # and it is timed alone: 2 x 2 views
+    colour = summary["colour_stage"]                     # timed alone: 2 x 2 views
     assert colour == dict(einsum["colour_stage"], share_of_step=pytest.approx(
         colour["ms_per_image"] / 1e3 * einsum["images_per_s"]))
     assert colour["images"] == 4 and colour["ms_per_image"] > 0 and colour["flops_per_image"] > 0

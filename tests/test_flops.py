@@ -22,7 +22,6 @@ def _config(variant: str, language: bool):
     c.model.mlp_dim, c.model.emb_dim = 1024, 128
     c.model.attention = "einsum"
     c.batch_size, c.data.n_img = 2, 2
-    c.data.augment_on_device = False
     c.model.add_language = language
     c.model.text_width = c.model.embed_dim = 256
     c.model.text_depth, c.model.text_heads = 2, 4

@@ -30,7 +30,6 @@ _STEP_AND_CHECKPOINT = textwrap.dedent("""
 
     config = config_utils.load_config("configs/stablerep.py:tiny")
     config.batch_size = 8
-    assert config.data.augment_on_device        # uint8 views: the colour stage runs in the step
     mesh = parallel.make_mesh()
     parts = train_step.build_training(config, mesh, total_steps=10, steps_per_epoch=0)
     state = parts.init(jax.random.PRNGKey(0))

@@ -19,8 +19,6 @@ from stablerep_jax.data import tokenize, views
 from tiny_tokenizer import write_tiny_clip_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MEAN = np.array(augment.IMAGENET_MEAN, np.float32)
-STD = np.array(augment.IMAGENET_STD, np.float32)
 NUM_CAPTIONS, K = 32, 4
 
 
@@ -77,43 +75,27 @@ def _take(iterator, n):
 
 
 def _stored_index(view):
-    """Which stored image (k) and caption a weakly augmented flat-colour view came from (a
-    uint8 view for the device, or a normalised one)."""
-    rgb = view.mean(axis=(0, 1)) if view.dtype == np.uint8 else (view * STD + MEAN).mean(
-        axis=(0, 1)) * 255
+    """Which stored image (k) and caption a weakly augmented flat-colour uint8 view came from."""
+    rgb = view.mean(axis=(0, 1))
     return int(round((rgb[0] - 20) / 50)), int(round((rgb[1] - 5) / 7))
 
 
-@pytest.mark.parametrize("n_img,num_crop,dtype,on_device", [
-    (2, 1, "float32", True), (1, 2, "bfloat16", True), (3, 2, "float32", True),
-    (2, 1, "float32", False), (1, 2, "bfloat16", False)])
-def test_batch_contract(files, n_img, num_crop, dtype, on_device):
+@pytest.mark.parametrize("n_img,num_crop,dtype", [
+    (2, 1, "float32"), (1, 2, "bfloat16"), (3, 2, "float32")])
+def test_batch_contract(files, n_img, num_crop, dtype):
+    """uint8 views + their colour parameters, finished in the step (in data.image_dtype)."""
     data = _data_config(files, n_img=n_img, num_crop=num_crop, image_dtype=dtype)
-    data.augment_on_device = on_device
     batch = next(pipeline.make_train_iterator(data, batch_size=8, seed=0))
     views_shape = (8, n_img * num_crop, 16, 16, 3)
-    assert batch["images"].shape == views_shape
+    assert set(batch) == {"images", "labels", augment.PARAMS_KEY}
+    assert batch["images"].shape == views_shape and batch["images"].dtype == np.uint8
     assert batch["labels"].dtype == np.int32 and batch["labels"].shape == (8,)
-    if on_device:      # uint8 views + colour parameters, finished in the step
-        assert set(batch) == {"images", "labels", augment.PARAMS_KEY}
-        assert batch["images"].dtype == np.uint8
-        params = batch[augment.PARAMS_KEY]
-        assert params.dtype == np.float32 and params.shape == (8, n_img * num_crop,
-                                                               augment.NUM_PARAMS)
-        images = jax.jit(lambda b: device_augment.model_images(b, data))(batch)
-    else:
-        assert set(batch) == {"images", "labels"}
-        images = batch["images"]
+    params = batch[augment.PARAMS_KEY]
+    assert params.dtype == np.float32 and params.shape == (8, n_img * num_crop,
+                                                           augment.NUM_PARAMS)
+    images = jax.jit(lambda b: device_augment.model_images(b, data))(batch)
     assert images.shape == views_shape and images.dtype.name == dtype
     assert np.isfinite(np.asarray(images, np.float32)).all()
-
-
-def test_augment_on_device_must_be_a_bool(files):
-    data = _data_config(files)
-    with data.ignore_type():    # the config types it bool; a hand-built config may not
-        data.augment_on_device = "False"
-    with pytest.raises(ValueError, match="data.augment_on_device='False'"):
-        pipeline.make_train_iterator(data, batch_size=8, seed=0)
 
 
 def _noise_jpeg(seed, size=(30, 26)) -> bytes:
@@ -123,10 +105,9 @@ def _noise_jpeg(seed, size=(30, 26)) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("on_device", [True, False])
-def test_views_are_the_keyed_views_of_the_stored_image(tmp_path, on_device):
-    """Each view of a batch is `augment.prepare_image` / `augment_image` of the decoded stored
-    image with its view key: the crop decoded in one stage and the rest made in another take
+def test_views_are_the_keyed_views_of_the_stored_image(tmp_path):
+    """Each view of a batch (and its colour parameters) is `augment.prepare_image` of the
+    decoded stored image with its view key: the crop decoded in one stage and the rest made in another take
     their halves of the same key (one stored image per caption, so which one is known)."""
     recs = [records.CaptionRecord(caption=f"c{c}", caption_id=c, images=[_noise_jpeg(c)],
                                   seeds=[0]) for c in range(8)]
@@ -134,18 +115,14 @@ def test_views_are_the_keyed_views_of_the_stored_image(tmp_path, on_device):
     records.write_manifest(str(tmp_path), {"train-0.tfrecord": {"captions": 8, "images": 8}},
                            images_per_caption=1)
     data = _data_config(str(tmp_path / "*.tfrecord"), n_img=1, num_crop=2, aug="strong")
-    data.augment_on_device = on_device
     spec = augment.AugmentSpec.from_config(data)
     batch = next(pipeline.make_train_iterator(data, batch_size=4, seed=5))
     for b, label in enumerate(batch["labels"]):
         image = tf.io.decode_image(recs[label].images[0], channels=3)
         for v in range(2):
             key = views.view_key(5, 0, int(label), v, 0)
-            if on_device:
-                want, params = augment.prepare_image(key, image, spec)
-                np.testing.assert_array_equal(batch[augment.PARAMS_KEY][b, v], params.numpy())
-            else:
-                want = augment.augment_image(key, image, spec)
+            want, params = augment.prepare_image(key, image, spec)
+            np.testing.assert_array_equal(batch[augment.PARAMS_KEY][b, v], params.numpy())
             np.testing.assert_array_equal(batch["images"][b, v], want.numpy())
 
 

@@ -1,4 +1,5 @@
-"""Image augmentations of the StableRep reference, as pure TensorFlow functions for tf.data.
+"""The host's share of the StableRep reference's augmentations, as pure TensorFlow functions for
+tf.data: the crop, resize and flip of each view, and the random draws of its colour stage.
 
 Every random choice comes from a stateless key (a `[2]` int64 tensor), so the same key gives the
 same view whether the function runs eagerly or inside a `tf.data` map, on any host, after any
@@ -12,18 +13,14 @@ restart. The recipes follow the reference's torchvision chain (`main_stablerep.p
           resolution it would have in the image resized to one of `down_res` (shorter side),
           then resized to the output size, i.e. the reference's "down then back up" on the crop.
 
-Colour operations follow torchvision's definitions (contrast and saturation blend with the
-luma image / its mean, not TF's per-channel and HSV variants); values are clipped to [0, 1]
-after each, as torchvision does on PIL images.
-
-A view is made in two stages, both keyed by the view's key (`decode_view_crops` draws the box
-from its first half, the rest from its second, as `augment_image` does):
+A view is made in three stages, all keyed by the view's key (`decode_view_crops` draws the box
+from its first half, the rest from its second, as `prepare_image` does):
   1. decode only the crop (`decode_view_crops`: JPEG through `decode_and_crop_jpeg`, other
      formats decoded whole, then cropped);
-  2. either everything else on the host (`finish_view`: float32 / bfloat16, normalised), or
-     (`prepare_view`) only downsample, resize and flip on the host, rounded to uint8 as PIL's
-     resize is, plus the colour stage's parameters packed in `NUM_PARAMS` floats, which
-     `device_augment.finish_views` applies on the accelerator inside the train step.
+  2. here (`prepare_view`): downsample, resize and flip, rounded to uint8 as PIL's resize is,
+     plus the colour stage's parameters (`ViewDraws`) packed in `NUM_PARAMS` floats;
+  3. in the jitted train step on the accelerator (`device_augment.finish_views`): ColorJitter,
+     grayscale, blur and normalisation, the only implementation of the colour stage.
 """
 from __future__ import annotations
 
@@ -145,45 +142,14 @@ def flip_left_right(image):
 
 
 # --------------------------------------------------------------------------------------------
-# Colour (float images in [0, 1])
+# The colour stage's draws and normalisation (the stage itself runs in `device_augment`)
 
 
-# Per-channel arithmetic is written as [N, 3] x [3, 3] matmuls: TF's CPU kernels for broadcasting
-# a [3] vector over [H, W, 3] are several times slower than a small matmul.
-
-
+# Per-channel arithmetic is written as an [N, 3] x [3, 3] matmul: TF's CPU kernels for
+# broadcasting a [3] vector over [H, W, 3] are several times slower than a small matmul.
 def _channel_matmul(image, matrix) -> tf.Tensor:
     flat = tf.reshape(image, [-1, 3])
     return tf.reshape(tf.matmul(flat, tf.constant(matrix, tf.float32)), tf.shape(image))
-
-
-_GRAY3 = [[w] * 3 for w in LUMA]     # every output channel = luma
-
-
-def grayscale(image) -> tf.Tensor:
-    """Luma, [H, W]."""
-    return tf.tensordot(image, tf.constant(LUMA, tf.float32), 1)
-
-
-def to_grayscale_rgb(image):
-    return _channel_matmul(image, _GRAY3)
-
-
-def adjust_brightness(image, factor):
-    return tf.clip_by_value(image * factor, 0.0, 1.0)
-
-
-def adjust_contrast(image, factor):
-    mean = tf.reduce_mean(grayscale(image))
-    return tf.clip_by_value(factor * image + (1.0 - factor) * mean, 0.0, 1.0)
-
-
-def adjust_saturation(image, factor):
-    return tf.clip_by_value(factor * image + (1.0 - factor) * to_grayscale_rgb(image), 0.0, 1.0)
-
-
-def adjust_hue(image, delta):
-    return tf.clip_by_value(tf.image.adjust_hue(image, delta), 0.0, 1.0)
 
 
 def jitter_draws(key, strength: Sequence[float] = JITTER) -> tuple[tf.Tensor, tf.Tensor]:
@@ -195,42 +161,6 @@ def jitter_draws(key, strength: Sequence[float] = JITTER) -> tuple[tf.Tensor, tf
     factors = tf.stack([_uniform(k_b, [], 1 - b, 1 + b), _uniform(k_c, [], 1 - c, 1 + c),
                         _uniform(k_s, [], 1 - s, 1 + s), _uniform(k_h, [], -h, h)])
     return order, factors
-
-
-def apply_jitter(image, order, factors) -> tf.Tensor:
-    """The four ColorJitter adjustments in `order` (indices into brightness, contrast,
-    saturation, hue) with `factors` in that same fixed layout."""
-    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-    for i in range(4):
-        branches = [(lambda op=op, j=j, x=image: op(x, factors[j])) for j, op in enumerate(ops)]
-        image = tf.switch_case(order[i], branches)
-    return image
-
-
-def color_jitter(key, image, strength: Sequence[float] = JITTER) -> tf.Tensor:
-    """torchvision ColorJitter: the four adjustments in a random order, each factor uniform."""
-    return apply_jitter(image, *jitter_draws(key, strength))
-
-
-def gaussian_blur(image, sigma, max_sigma: float = BLUR_SIGMA[1]) -> tf.Tensor:
-    """Separable Gaussian blur with reflect padding; the kernel reaches 3 sigma (at most
-    3 x max_sigma), so small sigmas cost less."""
-    max_radius = int(math.ceil(3.0 * max_sigma))
-    radius = tf.clip_by_value(tf.cast(tf.math.ceil(3.0 * sigma), tf.int32), 1, max_radius)
-    x = tf.cast(tf.range(-radius, radius + 1), tf.float32)
-    kernel = tf.exp(-0.5 * tf.square(x / sigma))
-    kernel /= tf.reduce_sum(kernel)
-    # Reflect padding needs the image larger than the radius; beyond that, mirror again.
-    height, width = tf.shape(image)[0], tf.shape(image)[1]
-    pad_h = tf.minimum(radius, height - 1)
-    pad_w = tf.minimum(radius, width - 1)
-    padded = tf.pad(image, [[pad_h, pad_h], [pad_w, pad_w], [0, 0]], mode="REFLECT")
-    padded = tf.pad(padded, [[radius - pad_h] * 2, [radius - pad_w] * 2, [0, 0]], mode="SYMMETRIC")
-    k_v = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, 3, 1])
-    k_h = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, 3, 1])
-    out = tf.nn.depthwise_conv2d(padded[None], k_v, [1, 1, 1, 1], "VALID")
-    out = tf.nn.depthwise_conv2d(out, k_h, [1, 1, 1, 1], "VALID")
-    return tf.reshape(out[0], tf.shape(image))
 
 
 def normalize(image, dtype="float32") -> tf.Tensor:
@@ -250,8 +180,8 @@ def normalize(image, dtype="float32") -> tf.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class ViewDraws:
-    """Every random choice after the crop box, drawn up front from the view's key: the same
-    key gives the same choices whether the colour stage then runs on the host or the device."""
+    """Every random choice after the crop box, drawn up front from the view's key (the same
+    key gives the same choices on any host, eagerly or in tf.data)."""
     down_key: tf.Tensor       # the optional downsample's own key (coin and resolution)
     jitter: tf.Tensor         # bool
     order: tf.Tensor          # int32 [4]
@@ -279,15 +209,6 @@ class ViewDraws:
                           flag(self.gray), flag(self.blur), self.sigma[None]], axis=0)
 
 
-def colour_stage(image, draws: ViewDraws) -> tf.Tensor:
-    """The strong recipe's ColorJitter (p=0.8), grayscale (p=0.2) and blur (p=0.5) on a float
-    image in [0, 1], as the reference orders them."""
-    image = tf.cond(draws.jitter, lambda: apply_jitter(image, draws.order, draws.factors),
-                    lambda: image)
-    image = tf.cond(draws.gray, lambda: to_grayscale_rgb(image), lambda: image)
-    return tf.cond(draws.blur, lambda: gaussian_blur(image, draws.sigma), lambda: image)
-
-
 # --------------------------------------------------------------------------------------------
 # Recipes
 
@@ -303,22 +224,8 @@ def _downsampled(draws: ViewDraws, crop_image, spec: AugmentSpec, source_short_s
     return image
 
 
-def augment_crop(key, crop_image, spec: AugmentSpec, source_short_side) -> tf.Tensor:
-    """Everything after the crop box, on the host: optional downsample, resize to `spec.size`,
-    the recipe's colour/blur/flip, normalisation. `crop_image` is uint8 (or float 0-255)
-    [h, w, 3]; `key` is the second half of the view's key (see `finish_view`)."""
-    draws = ViewDraws.draw(key)
-    image = resize_to_unit(_downsampled(draws, crop_image, spec, source_short_side),
-                           spec.size, spec.size)
-    if spec.recipe == "strong":
-        image = colour_stage(image, draws)
-        image = tf.cond(draws.flip, lambda: flip_left_right(image), lambda: image)
-    image = tf.ensure_shape(image, [spec.size, spec.size, 3])
-    return normalize(image, spec.dtype)
-
-
 def prepare_crop(key, crop_image, spec: AugmentSpec, source_short_side):
-    """The host's share of a view whose colour stage runs on the device: optional downsample,
+    """The host's share of a view (its colour stage runs on the device): optional downsample,
     resize to `spec.size` rounded to uint8 (PIL's resize returns uint8 too), the strong
     recipe's flip (it commutes with the colour stage: per-pixel operations, the global mean and
     a symmetric blur with mirrored edges). Returns (uint8 [S, S, 3], float32 [NUM_PARAMS]);
@@ -340,14 +247,9 @@ def _halves(key) -> tuple[tf.Tensor, tf.Tensor]:
     return k_box, k_rest
 
 
-def finish_view(key, crop_image, spec: AugmentSpec, source_short_side) -> tf.Tensor:
-    """The view keyed by `key` from its decoded crop, wholly on the host (normalised)."""
-    return augment_crop(_halves(key)[1], crop_image, spec, source_short_side)
-
-
 def prepare_view(key, crop_image, spec: AugmentSpec, source_short_side):
-    """The view keyed by `key` from its decoded crop, its colour stage left to the device:
-    (uint8 [S, S, 3], parameters [NUM_PARAMS]); see `prepare_crop`."""
+    """The host's share of the view keyed by `key`, from its decoded crop: (uint8 [S, S, 3],
+    colour parameters [NUM_PARAMS]); see `prepare_crop`."""
     return prepare_crop(_halves(key)[1], crop_image, spec, source_short_side)
 
 
@@ -398,14 +300,8 @@ def _view_crop(key, image, spec: AugmentSpec):
     return crop(image, box), tf.minimum(shape[0], shape[1])
 
 
-def augment_image(key, image, spec: AugmentSpec) -> tf.Tensor:
-    """One training view of a decoded uint8 image [H, W, 3], wholly on the host."""
-    crop_image, short_side = _view_crop(key, image, spec)
-    return finish_view(key, crop_image, spec, short_side)
-
-
 def prepare_image(key, image, spec: AugmentSpec):
-    """The same view with its colour stage left to the device: (uint8 [S, S, 3], parameters
-    [NUM_PARAMS]) for `device_augment.finish_views`."""
+    """The host's share of one training view of a decoded uint8 image [H, W, 3]: (uint8
+    [S, S, 3], colour parameters [NUM_PARAMS]) for `device_augment.finish_views`."""
     crop_image, short_side = _view_crop(key, image, spec)
     return prepare_view(key, crop_image, spec, short_side)

@@ -1,13 +1,14 @@
-"""The strong recipe's colour stage on the accelerator, inside the jitted train step.
+"""The strong recipe's colour stage on the accelerator, inside the jitted train step: the
+project's only implementation of it.
 
 The host (`augment.prepare_view`) ships each view cropped, resized and flipped as uint8, with
 the colour stage's parameters drawn from the view's stateless key (`augment.ViewDraws`; the
 layout is `recipe.P_*`). Here a pure JAX function applies them to the whole batch:
 ColorJitter (p=0.8, the four adjustments in the drawn order), grayscale (p=0.2), Gaussian blur
 (p=0.5), then ImageNet mean/std, in float32, cast to `data.image_dtype` at the end. Resume stays
-exact: the parameters are a function of the keys, as the host path's are.
+exact: the parameters are a function of the keys.
 
-Definitions are torchvision's tensor ones (as `augment`'s TF ops): brightness scales;
+Definitions are torchvision's tensor ones: brightness scales;
 contrast blends with the mean luma; saturation blends with the luma image; hue shifts H in
 torchvision's RGB <-> HSV; each result clipped to [0, 1]. Luma weights are PIL's (0.299, 0.587,
 0.114). The blur is a sampled Gaussian reaching ceil(3 sigma) pixels (1 to 6), mirrored at the
@@ -151,8 +152,8 @@ def _reflect_blur_matrix(sigma, size: int) -> jax.Array:
 def gaussian_blur(image: jax.Array, sigma) -> jax.Array:
     """Separable Gaussian blur of one image [H, W, 3]: taps out to ceil(3 sigma) (1 to
     MAX_RADIUS), normalised, reflect padding, as two float32 matrix products (faster than
-    shifted sums on CPUs, and accelerators run them on their matrix units). Matches
-    `augment.gaussian_blur` for images larger than the radius."""
+    shifted sums on CPUs, and accelerators run them on their matrix units). Equals
+    torchvision's `gaussian_blur` with 2 ceil(3 sigma) + 1 taps (tests/test_augment.py)."""
     rows = _reflect_blur_matrix(sigma, image.shape[0])
     cols = _reflect_blur_matrix(sigma, image.shape[1])
     out = jnp.einsum("ij,jwc->iwc", rows, image, precision=HIGHEST)
@@ -188,8 +189,9 @@ def finish_views(images: jax.Array, params: jax.Array, spec: recipe.AugmentSpec)
 
 
 def model_images(batch: dict, data_config) -> jax.Array:
-    """The step's input images: `batch["images"]` as they are when the host finished them,
-    else (uint8 with `recipe.PARAMS_KEY`) through `finish_views` with `data_config`'s recipe."""
+    """The step's input images: the input pipeline's uint8 views through `finish_views` with
+    their `recipe.PARAMS_KEY` parameters and `data_config`'s recipe. A batch without those
+    parameters (synthetic model input in tests and benchmarks) is taken as already finished."""
     if recipe.PARAMS_KEY not in batch:
         return batch["images"]
     spec = recipe.AugmentSpec.from_config(data_config)

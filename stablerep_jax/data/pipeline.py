@@ -10,10 +10,9 @@ Stream of one host (all stages deterministic for a fixed seed):
   -> decode the m x num_crop views' crops   (views.safe_decode; JPEG: only the crop; keyed
      by seed, epoch, label, view, draw); undecodable records flagged
   -> keep the first `steps_per_epoch * B_host` decodable records of each epoch, count drops
-  -> the views: resize, flip, and either    (same keys)
-       the colour stage + normalisation here (data.augment_on_device False), or
-       uint8 views + each view's colour parameters, finished in the train step on the
-       accelerator by `device_augment.finish_views` (data.augment_on_device True, the default)
+  -> the views: resize, flip to uint8, plus  (same keys)
+       each view's colour parameters; the train step finishes them on the accelerator
+       (`device_augment.finish_views`: colour stage, normalisation)
   -> batch(B_host) [-> CLIP tokens] -> prefetch
 
 Every epoch yields `steps_per_epoch` batches, the trainer's number (`shards.steps_per_epoch`:
@@ -41,7 +40,6 @@ import tensorflow as tf
 from absl import logging
 
 from stablerep_jax.data import augment, records, shards, tokenize, views
-from stablerep_jax.data.recipe import augment_on_device  # noqa: F401  (this module's API)
 from stablerep_jax.data.shards import host_files  # noqa: F401  (this module's API)
 
 TOO_MANY_BAD = "too many undecodable records in one epoch"
@@ -236,10 +234,9 @@ def make_train_iterator(data_config, *, batch_size: int, seed: int, process_inde
     [B_host, 77] int32 when `tokenizer_dir` is given}, where B_host = batch_size //
     process_count, V = n_img * num_crop, S = data.image_size.
 
-    With `data.augment_on_device` (the default) "images" are uint8 (cropped, resized, flipped)
-    and "view_params" [B_host, V, NUM_PARAMS] float32 carries each view's colour stage, which
-    `device_augment.model_images` applies (normalised, `data.image_dtype`) inside the jitted
-    step; without it "images" are finished here, normalised, in `data.image_dtype`.
+    "images" are uint8 (cropped, resized, flipped) and "view_params" [B_host, V, NUM_PARAMS]
+    float32 carries each view's colour stage, which `device_augment.model_images` applies
+    (normalised, `data.image_dtype`) inside the jitted step.
 
     `steps_per_epoch` is the trainer's (`train.training_length`); by default it is computed the
     same way (`shards.steps_per_epoch`). `num_threads` caps tf.data's CPU threads (default: all
@@ -254,7 +251,6 @@ def make_train_iterator(data_config, *, batch_size: int, seed: int, process_inde
     if not 0.0 <= max_bad < 0.5:
         raise ValueError(f"data.max_bad_fraction={max_bad}: must be in [0, 0.5)")
     spec = augment.AugmentSpec.from_config(data_config)
-    on_device = augment_on_device(data_config)
     pattern = data_config.train_files
     if not pattern:
         raise ValueError("set data.train_files to a glob of TFRecord shards")
@@ -306,8 +302,7 @@ def make_train_iterator(data_config, *, batch_size: int, seed: int, process_inde
     ds = ds.scan(init, scan).filter(lambda e: e["keep"])
 
     def to_views(e):
-        out = views.augment_views(e, spec=spec, num_crop=num_crop, seed=int(seed),
-                                  on_device=on_device)
+        out = views.augment_views(e, spec=spec, num_crop=num_crop, seed=int(seed))
         out.update(_dropped=e["_dropped"], _seen=e["_seen"])
         return out
 

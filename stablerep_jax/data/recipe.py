@@ -2,8 +2,9 @@
 `AugmentSpec` (what to do to one view) and the layout of the colour-stage parameters that the
 host ships beside each uint8 view for `device_augment`.
 
-`augment` (the tf.data side) and `device_augment` (the jitted side) both read these, so the
-train step imports without TensorFlow; `augment` re-exports every name here.
+`augment` (the host's tf.data share: crop, resize, flip, the draws) and `device_augment` (the
+colour stage in the jitted step) both read these, so the train step imports without
+TensorFlow; `augment` re-exports every name here.
 """
 from __future__ import annotations
 
@@ -91,10 +92,3 @@ P_SIGMA = 11                 # the blur's sigma
 NUM_PARAMS = 12
 PARAMS_KEY = "view_params"
 
-
-def augment_on_device(data_config) -> bool:
-    """Does the colour stage run in the train step (`data.augment_on_device`, default True)?"""
-    value = data_config.get("augment_on_device", True)
-    if not isinstance(value, bool):
-        raise ValueError(f"data.augment_on_device={value!r}: use True or False")
-    return value

@@ -6,8 +6,8 @@ offset of the record's directory), so the images sampled for a
 caption and their augmentations do not depend on batch size, host count, shuffling or where a
 run was resumed. Decoding is separated from augmentation so that only undecodable *data* is
 dropped (see `safe_decode`), while a bug in augmentation still fails loudly. A view's crop box
-and the rest of it come from the same view key (`augment.decode_view_crops`, `finish_view`,
-`prepare_view`), so a view equals `augment.augment_image(view_key, decoded image)`.
+and the rest of it come from the same view key (`augment.decode_view_crops`, `prepare_view`),
+so a view equals `augment.prepare_image(view_key, decoded image)`.
 """
 from __future__ import annotations
 
@@ -98,24 +98,15 @@ def safe_decode(element: dict, *, n_img: int, num_crop: int, seed: int,
     return decoded.concatenate(fallback).take(1)
 
 
-def augment_views(element: dict, *, spec: augment.AugmentSpec, num_crop: int, seed: int,
-                  on_device: bool = False) -> dict:
-    """[n_img * num_crop, S, S, 3] views, image-major: (img0 crop0, img0 crop1, img1 crop0, ...),
-    from `safe_decode`'s crops. Wholly on the host (normalised, `spec.dtype`), or, with
-    `on_device`, uint8 views plus their colour parameters [V, NUM_PARAMS] under
-    `augment.PARAMS_KEY` for `device_augment.finish_views`."""
+def augment_views(element: dict, *, spec: augment.AugmentSpec, num_crop: int, seed: int) -> dict:
+    """[n_img * num_crop, S, S, 3] uint8 views, image-major: (img0 crop0, img0 crop1, img1 crop0,
+    ...), from `safe_decode`'s crops, plus their colour parameters [V, NUM_PARAMS] under
+    `augment.PARAMS_KEY`, which `device_augment.finish_views` applies in the train step."""
     views, params = [], []
     for v, crop in enumerate(element["crops"]):
         key = view_key(seed, element["epoch"], element["label"], v, element["draw"])
-        side = element["short_sides"][v]
-        if on_device:
-            view, view_params = augment.prepare_view(key, crop, spec, side)
-            params.append(view_params)
-        else:
-            view = augment.finish_view(key, crop, spec, side)
+        view, view_params = augment.prepare_view(key, crop, spec, element["short_sides"][v])
         views.append(view)
-    out = {"images": tf.stack(views), "labels": tf.cast(element["label"], tf.int32),
-           "caption": element["caption"]}
-    if on_device:
-        out[augment.PARAMS_KEY] = tf.stack(params)
-    return out
+        params.append(view_params)
+    return {"images": tf.stack(views), augment.PARAMS_KEY: tf.stack(params),
+            "labels": tf.cast(element["label"], tf.int32), "caption": element["caption"]}
