@@ -27,14 +27,6 @@ SAFE_TO_CHANGE = ("stop_at_step", "checkpoint_every", "keep_checkpoints", "log_e
 DATA_FILES = "data.files"          # the shards' names and record counts
 PROCESS_COUNT = "process_count"    # hosts: each reads its own slice of the files
 
-# Keys that moved (old name -> new name). A run saved before a move is read as if written with
-# the new name, so resuming it across the move compares like with like.
-MOVED_KEYS = {"data.image_size": "model.image_size"}
-# Keys added later (name -> the value that does what runs saved before them did). A saved
-# config without one is read as holding that value, so adding a key breaks no resume.
-ADDED_KEYS = {"model.attention": "einsum", "data.augment_on_device": True,
-              "model.attention_pad_to": 1}
-
 META_TRAIN_CONFIG = "train_config"
 META_DATA_FILES = "data_files"
 META_PROCESS_COUNT = "process_count"
@@ -93,20 +85,15 @@ def _missing(value) -> str:
 _ABSENT = object()
 
 
-def _as_of_today(flat: dict) -> dict:
-    """A saved config's leaves in today's layout: each `MOVED_KEYS` entry also under its new
-    name, each missing `ADDED_KEYS` entry with the value that did what the run did."""
-    out = dict(flat)
-    for old_key, new_key in MOVED_KEYS.items():
-        if new_key not in out and old_key in out:
-            out[new_key] = out[old_key]
-    for key, value in ADDED_KEYS.items():
-        out.setdefault(key, value)
-    return out
+def _change(key: str, old, new) -> str:
+    """One line of a mismatch; a key only one side has says which (a config layout change)."""
+    note = (" (not a key of this version's config)" if new is _ABSENT else
+            " (the checkpoint's config has no such key)" if old is _ABSENT else "")
+    return f"{key}: {_missing(old)} -> {_missing(new)}{note}"
 
 
 def _all_changes(saved_json: str, new_json: str) -> list[tuple[str, object, object]]:
-    old = _as_of_today(_flatten(json.loads(saved_json)))
+    old = _flatten(json.loads(saved_json))
     new = _flatten(json.loads(new_json))
     changes = []
     for key in sorted(set(old) | set(new)):
@@ -117,9 +104,8 @@ def _all_changes(saved_json: str, new_json: str) -> list[tuple[str, object, obje
 
 
 def config_changes(saved_json: str, new_json: str) -> list[tuple[str, object, object]]:
-    """(key, old, new) for every leaf that differs, except `SAFE_TO_CHANGE`; a saved config
-    from before a key moved or was added (`MOVED_KEYS`, `ADDED_KEYS`) is read in today's
-    layout."""
+    """(key, old, new) for every leaf that differs (a key only one side has included), except
+    `SAFE_TO_CHANGE`."""
     return [c for c in _all_changes(saved_json, new_json) if not _covered(c[0], SAFE_TO_CHANGE)]
 
 
@@ -160,20 +146,28 @@ def _describe_files(old: list, new: list) -> str:
 def check_resume(saved_meta: dict, config_json: str, fingerprint: list, process_count: int,
                  allowed: Sequence[str] = (), where: str = "the checkpoint") -> None:
     """Raises ResumeMismatch listing each difference between the saved run and this one that
-    `allowed` does not cover. Entries a checkpoint predating a check lacks are skipped."""
+    `allowed` does not cover, and when the saved meta lacks an entry of `run_identity` (a
+    checkpoint of another layout: there is nothing to compare against)."""
+    lacking = [k for k in (META_TRAIN_CONFIG, META_DATA_FILES, META_PROCESS_COUNT)
+               if k not in saved_meta]
+    if lacking:
+        raise ResumeMismatch(
+            f"{where} records no {', '.join(lacking)} in its meta (it has: "
+            f"{', '.join(sorted(saved_meta)) or 'nothing'}): it was written by another layout "
+            "of train, so this run cannot be checked against it. Resume it with the version "
+            "that wrote it, or start a new --workdir (--config.init_from can take its weights)")
     problems = []
-    if META_TRAIN_CONFIG in saved_meta:
-        _log_bookkeeping_changes(saved_meta[META_TRAIN_CONFIG], config_json)
-        for key, old, new in config_changes(saved_meta[META_TRAIN_CONFIG], config_json):
-            if not _covered(key, allowed):
-                problems.append(f"{key}: {_missing(old)} -> {_missing(new)}")
-    saved_files = saved_meta.get(META_DATA_FILES)
-    if saved_files is not None and [list(x) for x in saved_files] != [list(x) for x in fingerprint]:
+    _log_bookkeeping_changes(saved_meta[META_TRAIN_CONFIG], config_json)
+    for key, old, new in config_changes(saved_meta[META_TRAIN_CONFIG], config_json):
+        if not _covered(key, allowed):
+            problems.append(_change(key, old, new))
+    saved_files = saved_meta[META_DATA_FILES]
+    if [list(x) for x in saved_files] != [list(x) for x in fingerprint]:
         if not _covered(DATA_FILES, allowed):
             problems.append(f"{DATA_FILES} (the shards data.train_files matches): "
                             f"{_describe_files(saved_files, fingerprint)}")
-    saved_count = saved_meta.get(META_PROCESS_COUNT)
-    if saved_count is not None and int(saved_count) != int(process_count):
+    saved_count = saved_meta[META_PROCESS_COUNT]
+    if int(saved_count) != int(process_count):
         if not _covered(PROCESS_COUNT, allowed):
             problems.append(f"{PROCESS_COUNT} (hosts, each reading its own files): "
                             f"{saved_count} -> {process_count}")

@@ -93,17 +93,13 @@ def training_length(config, process_count: int | None = None) -> tuple[int, int]
 
 def check_image_size(config) -> None:
     """model.image_size is the crop side; data.image_size (what the input pipeline reads)
-    refers to it (configs/stablerep.py). A config that sets data.image_size itself, as runs did
-    before the size moved into the model config, stops here naming the key to set instead."""
-    if "image_size" not in config.model:
-        raise ValueError("config.model has no image_size: the crop side fed to the ViT moved "
-                         "from data.image_size to model.image_size")
-    if config.data.get("image_size") != config.model.image_size:
-        raise ValueError(f"data.image_size={config.data.get('image_size')} differs from "
-                         f"model.image_size={config.model.image_size}: the crop size moved to "
-                         f"model.image_size; set --config.model.image_size="
-                         f"{config.data.get('image_size')} and leave data.image_size unset "
-                         "(it follows model.image_size)")
+    refers to it (configs/stablerep.py). Setting data.image_size to another value stops here
+    naming the key to set instead."""
+    if config.data.image_size != config.model.image_size:
+        raise ValueError(f"data.image_size={config.data.image_size} differs from "
+                         f"model.image_size={config.model.image_size}: set "
+                         f"--config.model.image_size={config.data.image_size} and leave "
+                         "data.image_size unset (it follows model.image_size)")
 
 
 def check_config(config) -> None:
