@@ -18,7 +18,9 @@ a path whose last part is `checkpoints` is the manager directory itself, and
 `.../checkpoints/<digits>` is that step. Any other path is a WORKDIR (so a WORKDIR must not
 itself be named `checkpoints`).
 
-The probe's best head is one .npz beside these (`save_probe_head` / `load_probe_head`).
+The probe's best head is one .npz beside these (`save_probe_head` / `load_probe_head`); its
+resume checkpoints (heads, SGD momentum, progress) are WORKDIR/probe_checkpoints
+(`ProbeCheckpointer`), a manager of their own that model readers never open.
 """
 from __future__ import annotations
 
@@ -353,6 +355,70 @@ class TrainCheckpointer:
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The probe's resume checkpoints
+
+PROBE_CHECKPOINTS_SUBDIR = "probe_checkpoints"
+PROBE_HEADS = "heads"            # the stacked heads and their SGD momentum (replicated arrays)
+PROBE_BEST_HEAD = "best_head"    # host copy of the head at the best (epoch, lr) so far
+PROBE_PROGRESS = "progress"      # epoch, losses, evaluations, best top-1, settings (JSON)
+
+
+class ProbeCheckpointer:
+    """The linear probe's state after an epoch, for an exact resume: WORKDIR/probe_checkpoints,
+    an orbax `CheckpointManager` with one composite checkpoint per epoch (the newest kept;
+    temporary directories of killed saves are removed as it opens). Every process calls
+    `save`; saves are synchronous (a few heads: small next to an epoch)."""
+
+    def __init__(self, workdir):
+        self.directory = _absolute(workdir) / PROBE_CHECKPOINTS_SUBDIR
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(preservation_policy=keep_policy(1), create=True,
+                                                 enable_async_checkpointing=False,
+                                                 cleanup_tmp_directories=True))
+
+    def latest_epoch(self) -> Optional[int]:
+        return self._manager.latest_step()
+
+    def save(self, epoch: int, heads: dict, progress: dict, best_head: Optional[dict]) -> None:
+        """`heads`: name -> array (the `HeadState` fields); `progress`: JSON-ready;
+        `best_head`: name -> numpy array, or None before the first evaluation."""
+        items = {PROBE_HEADS: ocp.args.StandardSave(heads),
+                 PROBE_PROGRESS: ocp.args.JsonSave({
+                     **_json_ready(progress), "epoch": int(epoch),
+                     "has_best_head": best_head is not None,
+                     "best_head_keys": sorted(best_head) if best_head is not None else []})}
+        if best_head is not None:
+            items[PROBE_BEST_HEAD] = ocp.args.PyTreeSave(   # restored as numpy: PyTree args
+                {k: np.asarray(v) for k, v in best_head.items()})
+        self._manager.save(epoch, args=ocp.args.Composite(**items), force=True)
+        self._manager.wait_until_finished()
+
+    def restore_progress(self, epoch: int) -> dict:
+        restored = self._manager.restore(epoch, args=ocp.args.Composite(
+            **{PROBE_PROGRESS: ocp.args.JsonRestore()}))
+        return dict(restored[PROBE_PROGRESS])
+
+    def restore(self, epoch: int, heads_target: dict) -> tuple[dict, dict, Optional[dict]]:
+        """(heads, progress, best head or None) of `epoch`; `heads_target`: name ->
+        jax.ShapeDtypeStruct with the sharding to restore into."""
+        progress = self.restore_progress(epoch)
+        items = {PROBE_HEADS: ocp.args.StandardRestore(heads_target)}
+        if progress.get("has_best_head"):
+            items[PROBE_BEST_HEAD] = ocp.args.PyTreeRestore(restore_args={
+                name: ocp.RestoreArgs(restore_type=np.ndarray)
+                for name in progress["best_head_keys"]})
+        restored = self._manager.restore(epoch, args=ocp.args.Composite(**items))
+        best = restored[PROBE_BEST_HEAD] if progress.get("has_best_head") else None
+        return dict(restored[PROBE_HEADS]), progress, (
+            {k: np.asarray(v) for k, v in best.items()} if best is not None else None)
 
     def close(self) -> None:
         self._manager.wait_until_finished()

@@ -130,15 +130,23 @@ def make_row_gather(mesh) -> Callable:
                          out_specs=P(parallel.DATA_AXIS))
 
 
+class Stopped(Exception):
+    """`stop()` said to stop an extraction (a preemption notice): no features."""
+
+
 def extract_features(encode_fn: Callable, variables: Any, batches: Iterable[dict], mesh,
-                     num_batches: Optional[int] = None, desc: str = "features"
+                     num_batches: Optional[int] = None, desc: str = "features",
+                     stop: Optional[Callable[[], bool]] = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs the frozen encoder over host batches (image, label, index, mask) and returns
     (features [N, D] float32, labels [N] int32, indices [N] int64) of the unmasked examples,
-    sorted by the examples' index in the split."""
+    sorted by the examples' index in the split. `stop()` is asked before each batch (on every
+    host alike): True raises `Stopped`."""
     feats, labels, indices = [], [], []
     for batch in tqdm(batches, total=num_batches, desc=desc, unit="batch",
                       disable=jax.process_index() != 0):
+        if stop is not None and stop():
+            raise Stopped(f"{desc}: stopped after {len(feats)} batches")
         images = parallel.global_batch(mesh, {"image": batch["image"]})["image"]
         out = to_host(encode_fn(variables, images))
         meta = _gather_host_arrays({k: batch[k] for k in ("label", "index", "mask")})
@@ -163,16 +171,18 @@ def _gather_host_arrays(tree: dict) -> dict:
 
 
 def split_features(encode_fn: Callable, variables: Any, split, image_size: int, batch_size: int,
-                   mesh, desc: str = "features") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   mesh, desc: str = "features", stop: Optional[Callable[[], bool]] = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features, labels, indices) of every example of an eval_data split, centre-crop views
     (`eval_data.eval_view`), in split order; `batch_size` is the global batch, a multiple of
-    the mesh's devices (rounded down to one, at least one per device)."""
+    the mesh's devices (rounded down to one, at least one per device). `stop`: see
+    `extract_features`."""
     n_dev = mesh.shape[parallel.DATA_AXIS]
     batch_size = max(n_dev, batch_size // n_dev * n_dev)
     batches = eval_data.eval_batches(split, image_size, batch_size, jax.process_index(),
                                      jax.process_count())
     steps = eval_data.num_eval_batches(split, batch_size, jax.process_count())
-    return extract_features(encode_fn, variables, batches, mesh, steps, desc)
+    return extract_features(encode_fn, variables, batches, mesh, steps, desc, stop)
 
 
 # --------------------------------------------------------------------------------------------

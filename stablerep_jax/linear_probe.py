@@ -20,11 +20,22 @@ Batches are sharded over the `data` mesh axis (every device of every host); Batc
 and the loss are over the global batch. Test accuracy counts every test example exactly once
 (padding is masked). Process 0 writes WORKDIR/results.json, metrics.jsonl + TensorBoard and
 best_head.npz (the head at the best (epoch, lr)), through `fileio` (local paths, gs://).
+
+Resume: after each evaluated epoch the heads, their SGD momentum, the losses, the evaluations
+and the best head so far are saved in WORKDIR/probe_checkpoints (orbax; the newest kept), and
+rerunning the same command continues from there to the same results as an uninterrupted run
+(other settings are refused, naming them). SIGTERM (preemption; `preemption.PreemptionWatch`,
+installed first): a cached-features epoch (one compiled scan) is finished, an augmented one is
+dropped before its next step; the heads as after the last finished epoch are saved and the job
+exits 75 (`cli.EXIT_RESUME`) without results.json. Hosts stop together (JAX's preemption sync
+point); during start-up (feature extraction) a single process stops at once.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import time
 from typing import Callable, Optional, Sequence
@@ -39,7 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from stablerep_jax import features as features_lib
-from stablerep_jax import checkpoint, fileio, parallel
+from stablerep_jax import checkpoint, fileio, parallel, preemption
 from stablerep_jax.data import eval_data
 from stablerep_jax.metrics import MetricWriter
 
@@ -202,7 +213,7 @@ def cached_epoch_runner(feats: np.ndarray, labels: np.ndarray, hp: HeadHParams, 
                  for a, dtype in ((feats, np.float32), (labels, np.int32))]
     num_examples = len(feats)
 
-    def run_epoch(state, epoch):
+    def run_epoch(state, epoch, stop=None):     # one compiled scan: never dropped
         order = _epoch_order(seed, epoch, num_examples, steps, batch_size).astype(np.int32)
         state, losses = epoch_fn(state, *on_device, parallel.from_host(mesh, order, P()))
         return state, jnp.mean(losses, axis=0)
@@ -228,11 +239,16 @@ def augmented_epoch_runner(split, encode_fn, variables, hp: HeadHParams, batch_s
     fresh RandomResizedCrop + flip views (`eval_data.train_batches`) with the frozen encoder."""
     step_fn = make_augmented_step(encode_fn, hp, mesh)
 
-    def run_epoch(state, epoch):
+    def run_epoch(state, epoch, stop: Optional[Callable[[], bool]] = None):
+        """`stop()` is asked before each step; when it says True the epoch is dropped: the
+        state it started from comes back (a copy: steps donate theirs) with losses None."""
+        start = jax.tree_util.tree_map(jnp.copy, state) if stop is not None else None
         losses = []
         for host_batch in eval_data.train_batches(split, image_size, batch_size, seed, epoch,
                                                   shuffle_buffer, jax.process_index(),
                                                   jax.process_count()):
+            if stop is not None and stop():
+                return start, None
             g = parallel.global_batch(mesh, {"image": host_batch["image"],
                                              "label": host_batch["label"]})
             state, loss = step_fn(state, variables, g["image"], g["label"])
@@ -255,6 +271,16 @@ class FitResult:
     history: np.ndarray              # [epochs, H] mean training loss
     evaluations: list                # [Evaluation], in epoch order
     best_head: Optional[dict] = None  # host copy of the head at the best (epoch, lr)
+    stopped: bool = False            # `stop` ended it early (the state is after len(history))
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.history)
+
+    @property
+    def best_top1(self) -> float:
+        """The best top-1 of any head so far (-inf before the first evaluation)."""
+        return max((float(np.max(e.top1)) for e in self.evaluations), default=-np.inf)
 
 
 def eval_epochs(epochs: int, eval_every: int) -> tuple[int, ...]:
@@ -282,15 +308,41 @@ def head_arrays(state: HeadState, index: int) -> dict:
 
 def fit_heads(state: HeadState, run_epoch: Callable, epochs: int,
               evaluate: Optional[Callable] = None, eval_at: Sequence[int] = (),
-              log: Optional[Callable] = None) -> FitResult:
+              log: Optional[Callable] = None, *, resume: Optional[FitResult] = None,
+              save: Optional[Callable[[FitResult], None]] = None,
+              stop: Optional[Callable[[], bool]] = None) -> FitResult:
     """Trains the stacked heads for `epochs` epochs with `run_epoch(state, epoch) -> (state,
     mean loss [H])` (either mode). After each epoch in `eval_at` (1-based) it tests them with
     `evaluate(state) -> (top1 [H], top5 [H])` and keeps a host copy of the head at the best
-    (epoch, lr) so far (`select_best`'s rule). `log(epoch, losses, evaluation or None)`."""
-    history, evaluations, best_head, best_top1 = [], [], None, -np.inf
-    for epoch in tqdm(range(epochs), desc="probe epochs", unit="epoch",
-                      disable=jax.process_index() != 0):
-        state, losses = run_epoch(state, epoch)
+    (epoch, lr) so far (`select_best`'s rule). `log(epoch, losses, evaluation or None)`.
+
+    `resume`: a fit saved after some epochs (its state replaces `state`); the rest of the
+    epochs follow as if it had never stopped. `save(fit so far)` after each evaluated epoch and
+    when stopping. `stop()` is asked after each epoch (and passed on to
+    `run_epoch(state, epoch, stop=stop)`, which may drop its epoch: it then returns the state
+    it started from and losses None); when it says True the fit ends with `stopped`."""
+    history, evaluations, best_head = [], [], None
+    if resume is not None:
+        state, history = resume.state, [np.asarray(h, np.float64) for h in resume.history]
+        evaluations, best_head = list(resume.evaluations), resume.best_head
+
+    def so_far(stopped=False):
+        losses = np.stack(history) if history else np.zeros((0, state.bias.shape[0]))
+        return FitResult(state, losses, list(evaluations), best_head, stopped)
+
+    best_top1, saved = so_far().best_top1, len(history)
+    stopped = False
+    for epoch in tqdm(range(len(history), epochs), desc="probe epochs", unit="epoch",
+                      initial=len(history), total=epochs, disable=jax.process_index() != 0):
+        if stop is None:
+            state, losses = run_epoch(state, epoch)
+        else:
+            state, losses = run_epoch(state, epoch, stop=stop)
+        if losses is None:                    # dropped: `state` is the one it started from
+            stopped = True
+            logging.warning("epoch %d dropped (SIGTERM): the heads stay as after epoch %d",
+                            epoch + 1, epoch)
+            break
         history.append(np.asarray(jax.device_get(losses), np.float64))
         evaluation = None
         if evaluate is not None and epoch + 1 in eval_at:
@@ -302,7 +354,16 @@ def fit_heads(state: HeadState, run_epoch: Callable, epochs: int,
                 best_top1, best_head = float(evaluation.top1[head]), head_arrays(state, head)
         if log is not None:
             log(epoch + 1, history[-1], evaluation)
-    return FitResult(state, np.stack(history), evaluations, best_head)
+        stopped = stop is not None and epoch + 1 < epochs and stop()
+        if save is not None and (evaluation is not None or stopped):
+            save(so_far())
+            saved = len(history)
+        if stopped:
+            logging.warning("stopped (SIGTERM) after epoch %d of %d", epoch + 1, epochs)
+            break
+    if stopped and save is not None and saved != len(history):
+        save(so_far())                        # the epoch before a dropped one
+    return so_far(stopped)
 
 
 def train_heads_on_features(feats: np.ndarray, labels: np.ndarray, num_classes: int,
@@ -363,14 +424,15 @@ def evaluate_heads(state: HeadState, feats: np.ndarray, labels: np.ndarray, num_
 
 
 def sweep(config, run_epoch: Callable, dim: int, test: tuple, num_classes: int, mesh,
-          log: Optional[Callable] = None) -> FitResult:
+          log: Optional[Callable] = None, **resume_save_stop) -> FitResult:
     """The probe config's lr sweep: one head per base lr, trained by `run_epoch` for
-    `config.epochs` and tested on `test` = (features, labels) every `config.eval_every` epochs."""
+    `config.epochs` and tested on `test` = (features, labels) every `config.eval_every` epochs.
+    `resume`, `save`, `stop`: see `fit_heads`."""
     state = jax.device_put(init_heads(config.seed, len(config.base_lrs), dim, num_classes),
                            parallel.replicated(mesh))
     return fit_heads(state, run_epoch, config.epochs,
                      make_evaluator(*test, num_classes, config.use_bn, mesh),
-                     eval_epochs(config.epochs, config.eval_every), log)
+                     eval_epochs(config.epochs, config.eval_every), log, **resume_save_stop)
 
 
 def probe_cached(config, train: tuple, test: tuple, num_classes: int, mesh) -> dict:
@@ -467,13 +529,97 @@ def summarize(fit: FitResult, base_lrs: Sequence[float], lrs: Sequence[float]) -
     }
 
 
-def run(config, workdir: str, mesh=None) -> dict:
+def probe_settings(config, step_dir, data, batch: int, image_size: int) -> dict:
+    """What a probe's results depend on (not devices, hosts or the extraction batch): a resume
+    must find the same in its checkpoint."""
+    return {"checkpoint": str(step_dir), "dataset": data.name,
+            "train_split": config.train_split, "test_split": config.test_split,
+            "image_key": config.image_key, "label_key": config.label_key,
+            "image_size": int(image_size), "mode": config.mode, "epochs": int(config.epochs),
+            "batch_size": int(batch), "base_lrs": [float(b) for b in config.base_lrs],
+            "momentum": float(config.momentum), "weight_decay": float(config.weight_decay),
+            "warmup_epochs": float(config.warmup_epochs), "use_bn": bool(config.use_bn),
+            "eval_every": int(config.eval_every), "seed": int(config.seed),
+            "shuffle_buffer": int(config.shuffle_buffer), "num_classes": data.num_classes,
+            "num_train": data.train.num_examples, "num_test": data.test.num_examples}
+
+
+def _check_resume(saved: dict, settings: dict, directory) -> None:
+    changed = [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in settings.items()
+               if saved.get(key) != value]
+    if changed:
+        raise ValueError(f"{directory} holds a probe run with other settings ({'; '.join(changed)})"
+                         ": pass a new --workdir, or remove that directory to start over")
+
+
+def _fit_of(heads: dict, progress: dict, best_head: Optional[dict]) -> FitResult:
+    evaluations = [Evaluation(int(e["epoch"]), np.asarray(e["top1"], np.float64),
+                              np.asarray(e["top5"], np.float64))
+                   for e in progress["evaluations"]]
+    return FitResult(HeadState(**heads), np.asarray(progress["history"], np.float64),
+                     evaluations, best_head)
+
+
+def _heads_dict(state: HeadState) -> dict:
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(HeadState)}
+
+
+def _progress_of(fit: FitResult, settings: dict) -> dict:
+    return {"settings": settings, "history": fit.history.tolist(),
+            "evaluations": [{"epoch": e.epoch, "top1": np.asarray(e.top1).tolist(),
+                             "top5": np.asarray(e.top5).tolist()} for e in fit.evaluations]}
+
+
+def _restore(ckpt: checkpoint.ProbeCheckpointer, settings: dict, config, dim: int,
+             num_classes: int, mesh) -> Optional[FitResult]:
+    """The fit saved in `ckpt` (checked against `settings`), or None when there is none."""
+    epoch = ckpt.latest_epoch()
+    if epoch is None:
+        return None
+    _check_resume(ckpt.restore_progress(epoch)["settings"], settings, ckpt.directory)
+    shapes = jax.eval_shape(lambda: init_heads(config.seed, len(config.base_lrs), dim,
+                                               num_classes))
+    rep = parallel.replicated(mesh)
+    target = {f.name: jax.ShapeDtypeStruct(getattr(shapes, f.name).shape,
+                                           getattr(shapes, f.name).dtype, sharding=rep)
+              for f in dataclasses.fields(HeadState)}
+    fit = _fit_of(*ckpt.restore(epoch, target))
+    logging.info("resuming the probe after epoch %d of %d (%s)", epoch, config.epochs,
+                 ckpt.directory)
+    return fit
+
+
+def run(config, workdir: str, mesh=None, checkpoint_workdir: Optional[str] = None) -> dict:
     """Probes `config.checkpoint` on `config.dataset`; returns the results, which process 0
-    writes to WORKDIR/results.json (and the best head to WORKDIR/best_head.npz)."""
+    writes to WORKDIR/results.json (and the best head to WORKDIR/best_head.npz).
+
+    After each evaluated epoch the heads, their SGD momentum and the progress so far are saved
+    in WORKDIR/probe_checkpoints (or `checkpoint_workdir`'s: orbax writes local paths and gs://,
+    not ram://); a rerun resumes from there exactly (the same results as a run that never
+    stopped) and refuses other settings. No SIGTERM handler: see `run_until_preempted`."""
+    return _run(config, workdir, mesh, checkpoint_workdir, None)[0]
+
+
+def run_until_preempted(config, workdir: str, mesh=None,
+                        checkpoint_workdir: Optional[str] = None) -> tuple[Optional[dict], bool]:
+    """`run` under a SIGTERM handler (`preemption.PreemptionWatch`, installed first): returns
+    (results or None, preempted). A notice ends the epoch (cached features: one compiled scan,
+    finished; augmented: dropped before its next step) and every host stops together after
+    saving the heads as they are after the last finished epoch; results.json is left for the
+    rerun, which resumes. A notice during start-up (one process) stops at once: (None, True)."""
+    with preemption.PreemptionWatch() as watch:
+        try:
+            return _run(config, workdir, mesh, checkpoint_workdir, watch)
+        except preemption.PreemptedAtStartup:
+            logging.warning("stopped by SIGTERM during start-up: nothing new to save")
+            return None, True
+
+
+def _run(config, workdir, mesh, checkpoint_workdir, watch) -> tuple[Optional[dict], bool]:
     start = time.time()
     check_config(config)
     # Cheap checks first: the checkpoint path, then the dataset, before any device work.
-    checkpoint.resolve_step_dir(config.checkpoint, config.checkpoint_step)
+    step_dir = checkpoint.resolve_step_dir(config.checkpoint, config.checkpoint_step)
     data = eval_data.load_eval_dataset(config.dataset, config.data_dir, config.train_split,
                                        config.test_split, config.image_key, config.label_key)
     encoder = features_lib.load_encoder(config.checkpoint, config.checkpoint_step,
@@ -486,6 +632,19 @@ def run(config, workdir: str, mesh=None) -> dict:
     logging.info("probe %s on %s (%d classes, %d train / %d test), %d devices, batch %d, mode %s",
                  config.checkpoint, data.name, data.num_classes, data.train.num_examples,
                  data.test.num_examples, n_dev, batch, config.mode)
+    settings = probe_settings(config, step_dir, data, batch, encoder.image_size)
+    ckpt = checkpoint.ProbeCheckpointer(checkpoint_workdir or workdir)
+    try:
+        resume = _restore(ckpt, settings, config, encoder.width, data.num_classes, mesh)
+        return _probe(config, workdir, mesh, watch, start, data, encoder, batch, base_lrs, lrs,
+                      ckpt, settings, resume)
+    finally:
+        ckpt.close()
+
+
+def _probe(config, workdir, mesh, watch, start, data, encoder, batch, base_lrs, lrs, ckpt,
+           settings, resume) -> tuple[Optional[dict], bool]:
+    n_dev = mesh.shape[parallel.DATA_AXIS]
 
     encode_fn = features_lib.make_encode_fn(encoder.model, mesh)
     variables = features_lib.replicate(encoder.variables, mesh)
@@ -505,12 +664,25 @@ def run(config, workdir: str, mesh=None) -> dict:
         run_epoch = augmented_epoch_runner(data.train, encode_fn, variables, hp, batch,
                                            encoder.image_size, mesh, config.seed,
                                            config.shuffle_buffer)
-    writer = MetricWriter(workdir, keep_through_step=0)   # a probe starts over: no resume
+    # Rows past the resumed epoch (logged by a run that stopped later) are dropped.
+    writer = MetricWriter(workdir, keep_through_step=resume.epochs_done if resume else 0)
+    stop = None
+    if watch is not None:
+        checks = itertools.count(1)       # the same sequence on every host (sync point)
+        stop = lambda: watch.should_stop(next(checks))  # noqa: E731
+    save = lambda fit: ckpt.save(fit.epochs_done, _heads_dict(fit.state),  # noqa: E731
+                                 _progress_of(fit, settings), fit.best_head)
     try:
-        fit = sweep(config, run_epoch, encoder.width, (test_f, test_l), data.num_classes, mesh,
-                    _epoch_logger(writer, base_lrs))
+        with contextlib.nullcontext() if watch is None else watch.working():
+            fit = sweep(config, run_epoch, encoder.width, (test_f, test_l), data.num_classes,
+                        mesh, _epoch_logger(writer, base_lrs), resume=resume, save=save,
+                        stop=stop)
     finally:
         writer.close()
+    if fit.stopped:
+        logging.warning("stopped after epoch %d of %d, saved in %s: rerun the same command to "
+                        "resume", fit.epochs_done, config.epochs, ckpt.directory)
+        return None, True
 
     results = summarize(fit, base_lrs, lrs)
     results.update({
@@ -537,7 +709,7 @@ def run(config, workdir: str, mesh=None) -> dict:
     logging.info("best top-1 %.4f at base lr %g after epoch %d (%s)", results["best_top1"],
                  results["best_lr"], results["best_epoch"],
                  ", ".join(f"{k}: {v:.4f}" for k, v in results["top1"].items()))
-    return results
+    return results, False
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,7 +729,9 @@ def predict(head: dict, feats: np.ndarray, use_bn: bool) -> np.ndarray:
 
 def main(config):
     parallel.start_job(flags.FLAGS)
-    run(config, flags.FLAGS.workdir)
+    _, preempted = run_until_preempted(config, flags.FLAGS.workdir)
+    from stablerep_jax import cli
+    return cli.EXIT_RESUME if preempted else cli.EXIT_OK
 
 
 if __name__ == "__main__":

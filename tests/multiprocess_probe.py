@@ -4,7 +4,8 @@
 
 The 8 CPU devices are split evenly over the processes. Each process gets its own workdir
 (WORKDIR/<mode>/p<PROCESS_ID>) so the test can see which process wrote what: on a pod they share
-one, and only process 0 may write. Prints `RESULTS <mode> <json>` per mode (comma-separated).
+one, and only process 0 may write. The probe's orbax checkpoints, which every process saves
+together, go to one shared WORKDIR/<mode>/shared. Prints `RESULTS <mode> <json>` per mode (comma-separated).
 """
 import json
 import os
@@ -27,7 +28,9 @@ def main():
     for mode in modes.split(","):
         config = F.probe_config(encoder_dir, folder, mode=mode, epochs=4, eval_every=2)
         out = os.path.join(workdir, mode, f"p{process_id}")
-        results = linear_probe.run(config, out)
+        # The probe's resume checkpoints: one directory for all processes, as on a pod.
+        results = linear_probe.run(config, out, checkpoint_workdir=os.path.join(
+            workdir, mode, "shared"))
         results.update(knn.run(config, out))
         results.pop("seconds")
         print("RESULTS", mode, json.dumps(results, sort_keys=True), flush=True)

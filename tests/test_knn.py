@@ -108,3 +108,25 @@ def test_job_writes_to_a_ram_workdir(tmp_path, ram_dir):
     result = knn.run(c, ram_dir)
     assert fileio.read_json(f"{ram_dir}/knn_results.json") == result
     assert not os.path.exists("ram:")            # nothing went to a local folder named "ram:"
+
+
+def test_sigterm_exits_75_and_writes_nothing(tmp_path):
+    """`python -m stablerep_jax.knn` got SIGTERM while extracting features: it used to die with
+    143 (or, on two hosts, run on to the end); it now stops before the next batch, writes
+    nothing and exits 75 so that launchers requeue it."""
+    import subprocess
+    import sys
+    encoder_dir = F.save_tiny_encoder(str(tmp_path / "encoder"))
+    folder = F.write_tinted_folder(str(tmp_path / "folder"), 4, 2)
+    work = tmp_path / "work"
+    run = subprocess.run(
+        [sys.executable, os.path.join(F.REPO, "tests", "signals_eval.py"), "knn",
+         "train_features", "--config=configs/linear_probe.py:folder",
+         f"--config.checkpoint={encoder_dir}", f"--config.dataset=folder:{folder}",
+         "--config.extract_batch_size=16", f"--workdir={work}"],
+        cwd=F.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert run.returncode == 75, run.stdout[-3000:]
+    assert "signals_eval: sending SIGTERM" in run.stdout
+    assert "stopped by SIGTERM (knn train features: stopped after 0 batches)" in run.stdout
+    assert "stopped early to be resumed (exit code 75)" in run.stdout
+    assert not (work / "knn_results.json").exists()

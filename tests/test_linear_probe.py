@@ -449,17 +449,21 @@ def test_features_are_float32_for_a_bf16_checkpoint(tmp_path):
     assert np.max(np.abs(low - want)) > 1e-3 * np.max(np.abs(want))
 
 
-def test_ram_workdir(encoder_dir, tinted, ram_dir):
+def test_ram_workdir(encoder_dir, tinted, ram_dir, tmp_path):
     """Every output of the job goes through fileio: a ram:// workdir (the gs:// code path)."""
+    # The probe's resume checkpoints are orbax's, which writes local paths and gs:// (not ram://).
+    ckpt = str(tmp_path / "ckpt")
     results = linear_probe.run(F.probe_config(encoder_dir, tinted, epochs=4, eval_every=2),
-                               ram_dir)
+                               ram_dir, checkpoint_workdir=ckpt)
     assert fileio.read_json(f"{ram_dir}/results.json") == json.loads(json.dumps(results))
     head, meta = checkpoint.load_probe_head(f"{ram_dir}/{linear_probe.BEST_HEAD}")
     assert meta["epoch"] == results["best_epoch"] and head["kernel"].shape == (192, 6)
     assert not [p for p in tf.io.gfile.listdir(ram_dir) if p.endswith(fileio.TMP_SUFFIX)]
-    # A rerun in the same workdir starts its metrics over (no steps logged twice).
-    linear_probe.run(F.probe_config(encoder_dir, tinted, epochs=4, eval_every=2), ram_dir)
+    # A rerun in the same workdir finds the last epoch saved and logs no step twice.
+    linear_probe.run(F.probe_config(encoder_dir, tinted, epochs=4, eval_every=2), ram_dir,
+                     checkpoint_workdir=ckpt)
     assert [m["step"] for m in read_metrics(ram_dir)] == [1, 2, 3, 4]
+    assert not os.path.exists("ram:")
 
 
 def _printed_results(output: str) -> dict:
@@ -490,3 +494,119 @@ def test_two_processes_write_once_and_match_one(encoder_dir, tinted, tmp_path):
         assert r2["grid"]["top1"] == r1["grid"]["top1"] and r2["knn_top1"] == r1["knn_top1"]
         np.testing.assert_allclose([p["final_train_loss"] for p in r2["per_lr"]],
                                    [p["final_train_loss"] for p in r1["per_lr"]], rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Preemption and resume
+
+
+def _sigterm_at_epoch(monkeypatch, epoch: int) -> None:
+    """One SIGTERM to this process as the metrics of `epoch` are logged."""
+    import signal
+    from stablerep_jax import metrics
+    real_write = metrics.MetricWriter.write
+
+    def write(self, step, scalars):
+        real_write(self, step, scalars)
+        if step == epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(metrics.MetricWriter, "write", write)
+
+
+def _without_seconds(results: dict) -> dict:
+    return {k: v for k, v in results.items() if k != "seconds"}
+
+
+def _same_best_head(workdir, other) -> None:
+    mine, mine_meta = checkpoint.load_probe_head(os.path.join(workdir, linear_probe.BEST_HEAD))
+    theirs, their_meta = checkpoint.load_probe_head(os.path.join(other, linear_probe.BEST_HEAD))
+    assert mine_meta == their_meta and mine.keys() == theirs.keys()
+    for key in mine:
+        np.testing.assert_array_equal(mine[key], theirs[key])
+
+
+def test_sigterm_saves_the_epoch_and_the_rerun_gives_the_same_results(
+        separable_run, encoder_dir, tinted, tmp_path, monkeypatch):
+    """The probe had no resume: a 90-epoch probe on spot machines started over. A notice now
+    ends it after the epoch it is training (cached features: one compiled scan): the heads, their
+    momentum and the progress are saved, the job says it was preempted (exit 75) and leaves
+    results.json to the rerun, which resumes from that epoch to the very results (every
+    accuracy, loss and the best head) of the uninterrupted run."""
+    straight_dir, straight = separable_run
+    _sigterm_at_epoch(monkeypatch, 15)        # not an evaluated epoch (10, 20, 30)
+    work = tmp_path / "work"
+    config = F.probe_config(encoder_dir, tinted)
+    assert linear_probe.run_until_preempted(config, str(work)) == (None, True)
+    assert os.listdir(work / checkpoint.PROBE_CHECKPOINTS_SUBDIR) == ["15"]
+    assert not (work / linear_probe.RESULTS).exists()
+    assert [m["step"] for m in read_metrics(str(work))] == list(range(1, 16))
+    monkeypatch.undo()
+
+    resumed, preempted = linear_probe.run_until_preempted(config, str(work))
+    assert not preempted
+    assert _without_seconds(resumed) == _without_seconds(straight)
+    assert _without_seconds(fileio.read_json(str(work / linear_probe.RESULTS))) == \
+        _without_seconds(fileio.read_json(os.path.join(straight_dir, linear_probe.RESULTS)))
+    assert read_metrics(str(work)) == read_metrics(straight_dir)
+    _same_best_head(str(work), straight_dir)
+    assert os.listdir(work / checkpoint.PROBE_CHECKPOINTS_SUBDIR) == ["30"]
+
+    # A rerun with settings the saved heads were not trained with is refused, naming them.
+    with pytest.raises(ValueError, match=r"other settings \(epochs: 30 -> 40; eval_every: "
+                                         r"10 -> 5\): pass a new --workdir"):
+        linear_probe.run(F.probe_config(encoder_dir, tinted, epochs=40, eval_every=5), str(work))
+
+
+def test_a_notice_mid_epoch_drops_an_augmented_epoch_and_the_rerun_matches(
+        encoder_dir, tinted, tmp_path, monkeypatch):
+    """The reference protocol's epochs (fresh crops through the encoder, minutes on ImageNet)
+    are dropped, not finished: the notice stops it before the next step, the heads as after the
+    last finished epoch (3, not an evaluated one) are saved, and the rerun redoes epoch 4 to
+    the results of an uninterrupted run."""
+    import signal
+    config = F.probe_config(encoder_dir, tinted, mode="augmented", epochs=4, eval_every=2,
+                            **{"knn.enabled": False})
+    straight = linear_probe.run(config, str(tmp_path / "straight"))
+    real_batches = eval_data.train_batches
+
+    def batches(*args, **kwargs):            # 144 images, batch 48: 3 steps per epoch
+        for i, batch in enumerate(real_batches(*args, **kwargs)):
+            if args[4] == 3 and i == 1:      # epoch 4 (0-based 3), as its second batch comes
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+    monkeypatch.setattr(eval_data, "train_batches", batches)
+    work = tmp_path / "work"
+    assert linear_probe.run_until_preempted(config, str(work)) == (None, True)
+    assert os.listdir(work / checkpoint.PROBE_CHECKPOINTS_SUBDIR) == ["3"]
+    assert [m["step"] for m in read_metrics(str(work))] == [1, 2, 3]
+    monkeypatch.undo()
+    resumed = linear_probe.run(config, str(work))
+    assert _without_seconds(resumed) == _without_seconds(straight)
+    _same_best_head(str(work), str(tmp_path / "straight"))
+
+
+@pytest.mark.slow
+def test_sigterm_through_the_command_line_exits_75_and_the_rerun_completes(
+        encoder_dir, tinted, tmp_path):
+    """`python -m stablerep_jax.linear_probe` with SIGTERM after epoch 2: exit code 75 (what
+    launchers requeue on), epoch 2 saved; the rerun's results equal an uninterrupted run's."""
+    import subprocess
+    import sys
+    work = tmp_path / "work"
+    run = subprocess.run(
+        [sys.executable, os.path.join(F.REPO, "tests", "signals_eval.py"), "linear_probe",
+         "epoch:2", "--config=configs/linear_probe.py:folder", f"--config.checkpoint={encoder_dir}",
+         f"--config.dataset=folder:{tinted}", "--config.mode=cached_features",
+         "--config.epochs=4", "--config.eval_every=3", "--config.batch_size=48",
+         "--config.extract_batch_size=40", "--config.base_lrs=(0.03,0.3,3.0)",
+         f"--workdir={work}"],
+        cwd=F.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert run.returncode == 75, run.stdout[-3000:]
+    assert "stopped after epoch 2 of 4" in run.stdout
+    assert "stopped early to be resumed (exit code 75)" in run.stdout
+    assert os.listdir(work / checkpoint.PROBE_CHECKPOINTS_SUBDIR) == ["2"]
+    assert not (work / linear_probe.RESULTS).exists()
+    config = F.probe_config(encoder_dir, tinted, epochs=4, eval_every=3)
+    resumed = linear_probe.run(config, str(work))
+    straight = linear_probe.run(config, str(tmp_path / "straight"))
+    assert _without_seconds(resumed) == _without_seconds(straight)
