@@ -1,40 +1,34 @@
 r"""The prepared accelerator run: the train step and Stable Diffusion sampling measured per chip on
-whatever accelerator JAX sees, in one command that ends within 10 minutes on one H100/H200.
+whatever accelerator JAX sees, against PyTorch on the same chip, in one command.
 
   python benchmarks/accelerator.py                       # on a GPU/TPU machine
-  python benchmarks/accelerator.py --out DIR --published_peak_tflops 989
+  python benchmarks/accelerator.py --parts generate,train_step --budget_s 300
   python benchmarks/accelerator.py --tiny                # the same chain at tiny sizes on a CPU
 
 Each part runs in its own process under its own timeout (at most what is left of `--budget_s`),
-in this order; the times are estimates for one H100/H200 (nothing has been measured on one yet:
-every part's wall time lands in summary.json, so the first run replaces these guesses):
+in this order (most wanted first, so a short budget drops the least wanted):
 
-  preflight         JAX's backend and devices; which packages each part needs are missing   ~10 s
-  attention:NAME    the train step (ViT-B/16, bf16, the paper's 43 captions x 6 views per chip)
-                    with model.attention = einsum, dot_product and (NVIDIA GPUs) cudnn:
-                    images/s, XLA FLOPs, utilisation of the measured and published bf16 peaks,
-                    device bytes in use; the ratio of each to einsum. The step takes uint8
-                    views + colour parameters and runs the colour stage itself, as in
-                    training; einsum's part also times that stage alone
-                    (`device_augment.finish_views` on the step's 258 views): ms per image
-                                                                                      ~60 s each
-  train_step        benchmarks/train_step.py --variant base --dtype bfloat16 at 43 x 6, against
-                    PyTorch eager when torch sees a CUDA GPU (skipped otherwise: without PyTorch
-                    it would repeat attention:einsum)                                      ~90 s
-  memory            benchmarks/memory.py: XLA's memory analysis of that step on this chip  ~45 s
-  sd_model          a random SD-v1.5-sized model written once, for the two parts below     ~45 s
-  sizing            benchmarks/sizing.py --skip_training (the training half is attention:einsum):
-                    SD-v1.5 512px, 50 DDIM steps, guidance 2, 8 images per call: images/s per
-                    chip, GFLOP per image, utilisation                                    ~120 s
-  generate          benchmarks/generate.py --size sd15 (25 steps): ours vs diffusers' PyTorch
-                    pipeline on the same latents                                          ~120 s
+  preflight         JAX's backend and devices; which packages each part needs are missing
+  sd_model          a random SD-v1.5-shaped diffusers pipeline folder, for the parts below
+  generate          benchmarks/generate.py: our sampler (attention auto) vs diffusers' PyTorch
+                    pipeline, same latents, 512 px, 50 DDIM steps, guidance 2, 8 per call:
+                    images/s, model GFLOP per image, utilisation of a bf16 matmul peak measured
+                    on random data and of the data-sheet peak, pixel difference
+  generate:xla      the same batch with XLA attention (what `auto` is chosen against)
+  train_step        benchmarks/train_step.py: ViT-B/16 bf16 at 43 x 6 per chip (attention auto)
+                    vs PyTorch eager (timm), model FLOPs, MFU
+  levers:attention  benchmarks/train_levers.py --attention: xla and cuDNN padded to 64 tokens
+  gen_sweep         our sampler at per-device batch 16 / 32 / 64: images/s and bytes
+  levers:batch      the train step at 86 x 6 and 172 x 6 per chip
+  levers:profile    the top 10 ops of a traced train step
+  levers:xla_flags  the job's XLA GPU flags off and on
+  memory            benchmarks/memory.py: XLA's memory analysis of the train step
 
-Every part's output (its log, and its JSON where it writes one) goes under the results folder
-(`--out`, else $OUT, else outputs/accelerator/TIMESTAMP), then summary.json and summary.md, whose
-table is printed last: images/s per chip, utilisation of the measured matmul peak and of the
-published peak, bytes in use. Parts that do not fit the budget are listed as not run. The driver
-itself never imports JAX, so it never holds the accelerator. Exit status 1 when a part failed or
-timed out. `--part NAME` runs one part in this process (the driver calls itself that way).
+Nothing here needs TensorFlow. Every part's log and JSON go under the results folder (`--out`,
+else $OUT, else outputs/accelerator/TIMESTAMP), then summary.json and summary.md, whose table is
+printed last. Parts that do not fit the budget are listed as not run. The driver never imports
+JAX, so it never holds the accelerator. Exit status 1 when a part failed or timed out.
+`--part NAME` runs one part in this process (the driver calls itself that way).
 """
 from __future__ import annotations
 
@@ -66,12 +60,11 @@ PUBLISHED_BF16_TFLOPS = {
     "TPU v5": 459.0,                      # v5p
     "TPU v6 lite": 918.0,                 # v6e (Trillium)
 }
-ATTENTIONS = ("einsum", "dot_product", "cudnn")
 # What each part imports beyond JAX (module names), so preflight can skip what cannot run.
 NEEDS = {
-    "attention": ("ml_collections", "optax", "tensorflow"),
-    "train_step": ("ml_collections", "optax", "tensorflow", "torch", "timm"),
-    "memory": ("ml_collections", "optax", "tensorflow"),
+    "train_step": ("ml_collections", "optax", "torch", "timm"),
+    "levers": ("ml_collections", "optax"),
+    "memory": ("ml_collections", "optax"),
     "sd_model": ("diffusers", "transformers", "torch"),
     "generate": ("diffusers", "transformers", "torch"),
     "gen_sweep": ("transformers", "torch"),
@@ -107,11 +100,14 @@ class Sizes:
     gen_repeats: int = 2
     gen_resolution: int = 512
     gen_sweep: str = "16,32,64"     # per-device batches beyond gen_batch
+    attention_settings: str = "xla:2,cudnn:64"   # train_step measures auto (cuDNN, pad 2)
+    batch_captions: str = "86,172"  # per chip, beyond the paper's 43
 
 
 TINY = Sizes(variant="tiny", captions=2, views=2, image_size=32, depth=1, patch_size=8,
              mlp_dim=64, emb_dim=16, dtype="float32", steps=1, sd_size="tiny", gen_batch=2,
-             gen_steps=2, gen_repeats=1, gen_resolution=32, gen_sweep="2,3")
+             gen_steps=2, gen_repeats=1, gen_resolution=32, gen_sweep="2,3",
+             attention_settings="xla:2", batch_captions="3")
 
 
 def _args(argv=None):
@@ -126,7 +122,6 @@ def _args(argv=None):
     p.add_argument("--parts", default="", help="run only these parts (comma-separated names, "
                    "e.g. sd_model,generate,gen_sweep; a name before ':' selects all its kinds)")
     p.add_argument("--part", default="", help=argparse.SUPPRESS)   # internal: run one part
-    p.add_argument("--attention", default="einsum", choices=ATTENTIONS, help=argparse.SUPPRESS)
     p.add_argument("--json", default="", help=argparse.SUPPRESS)
     p.add_argument("--sd_dir", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -175,67 +170,6 @@ def _memory_stats(device) -> dict | None:
             if k in stats}
 
 
-def attention_part(sizes: Sizes, attention: str) -> dict:
-    """Our jitted train step with `model.attention`, on one device: rate, FLOPs, peak, bytes."""
-    import jax
-    import jax.numpy as jnp
-
-    sys.path.insert(0, BENCH)
-    import train_step as bench
-    from stablerep_jax.models import encoder
-    config = bench.make_config(argparse.Namespace(
-        captions=sizes.captions, views=sizes.views, image_size=sizes.image_size,
-        variant=sizes.variant, mlp_dim=sizes.mlp_dim, emb_dim=sizes.emb_dim, dtype=sizes.dtype))
-    config.model.depth = sizes.depth
-    config.model.patch_size = sizes.patch_size
-    if "attention" in config.model:
-        config.model.attention = attention
-    elif attention != "einsum":
-        unsupported("configs/stablerep.py has no model.attention: only einsum exists here")
-    if attention != "einsum" and "attention" not in {
-            f.name for f in dataclasses.fields(encoder.StableRepModel)}:
-        unsupported("stablerep_jax/models/encoder.py does not pass model.attention to the ViT: "
-                    "this checkout cannot time another attention")
-    device = jax.devices()[0]
-    seconds, flops = bench.bench_jax(config, bench.random_batch(config), sizes.steps,
-                                     devices=[device])
-    memory = _memory_stats(device)   # before the matmul peak allocates its own buffers
-    peak = bench.matmul_peak_flops(jnp.dtype(sizes.dtype).type)
-    images = sizes.captions * sizes.views
-    result = dict(attention=attention, images_per_step=images, seconds_per_step=seconds,
-                  images_per_s=images / seconds, flops_per_step=flops,
-                  flops_per_image=flops / images, matmul_peak_flops=peak,
-                  utilisation_measured=flops / seconds / peak, memory=memory,
-                  settings=dataclasses.asdict(sizes))
-    if attention == "einsum":          # the same for every attention kind: timed once
-        result["colour_stage"] = colour_stage_timing(sizes, device)
-    return result
-
-
-def colour_stage_timing(sizes: Sizes, device) -> dict:
-    """The strong recipe's device colour stage alone (`device_augment.finish_views`, jitted) on
-    one step's views (captions x views uint8 images, on `device` before timing): median
-    seconds per call over `sizes.steps` calls after two warm-ups, ms per image, XLA FLOPs."""
-    import functools
-
-    import jax
-    import numpy as np
-
-    import train_step as bench
-    from stablerep_jax import train
-    from stablerep_jax.data import augment, device_augment
-    n, size = sizes.captions * sizes.views, sizes.image_size
-    rng = np.random.default_rng(0)
-    images = jax.device_put(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), device)
-    params = jax.device_put(bench.random_view_params(rng, (n,)), device)
-    spec = augment.AugmentSpec(size=size, recipe="strong", dtype=sizes.dtype)
-    finish = jax.jit(functools.partial(device_augment.finish_views, spec=spec))
-    flops = train.compiled_flops(finish.lower(images, params).compile())
-    seconds = bench.time_steps(lambda: finish(images, params).block_until_ready(), sizes.steps)
-    return dict(images=n, image_size=size, dtype=sizes.dtype, seconds_per_call=seconds,
-                ms_per_image=seconds / n * 1e3, flops_per_image=flops / n)
-
-
 def sd_model_part(sizes: Sizes, directory: str) -> dict:
     sys.path.insert(0, os.path.join(REPO, "tests"))
     from tiny_sd import write_tiny_sd
@@ -248,8 +182,6 @@ def run_inner_part(args) -> None:
     sizes = TINY if args.tiny else Sizes()
     if args.part == "preflight":
         result = preflight_part()
-    elif args.part == "attention":
-        result = attention_part(sizes, args.attention)
     elif args.part == "sd_model":
         result = sd_model_part(sizes, args.sd_dir)
     else:
@@ -306,69 +238,71 @@ def run_part(part: Part, timeout_s: float) -> tuple[str, str, float, str]:
 
 
 def plan_parts(args, scratch: str, pre: dict) -> list[Part]:
-    """Every part after preflight, with its command, limit and (if any) reason to skip it."""
+    """Every part after preflight, most wanted first, with its command, limit and (if any)
+    reason to skip it."""
     s = TINY if args.tiny else Sizes()
     py, me = sys.executable, os.path.abspath(__file__)
     tiny = ["--tiny"] if args.tiny else []
     sd_dir = os.path.join(scratch, "sd")
-    # PyTorch shares the GPU with JAX in these two: JAX allocates on demand instead of taking
-    # 75% of the memory up front.
+    # PyTorch shares the GPU with JAX in these: JAX allocates on demand instead of taking 75% of
+    # the memory up front.
     shared = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-    torch_flag = [] if pre.get("cuda_torch") else None
-    parts = []
-    for name in ATTENTIONS:
-        json_name = f"attention_{name}.json"
-        part = Part(f"attention:{name}", [py, me, "--part", "attention", "--attention", name,
-                                          "--json", os.path.join(scratch, json_name), *tiny],
-                    150, json_name)
-        if name == "cudnn" and pre.get("platform") != "gpu":
-            part.skip = "cuDNN attention exists only on NVIDIA GPUs"
-        if name == "cudnn" and s.dtype != "bfloat16":
-            part.skip = "cuDNN attention needs bfloat16"
-        parts.append(part)
+    no_torch = not pre.get("cuda_torch") and not args.tiny
+    peak = ["--peak_tflops", str(args.published_peak_tflops)] if args.published_peak_tflops \
+        else []
+
+    def scratch_json(name):
+        return os.path.join(scratch, name)
+
+    parts = [Part("sd_model", [py, me, "--part", "sd_model", "--sd_dir", sd_dir, "--json",
+                               scratch_json("sd_model.json"), *tiny], 150, "sd_model.json")]
+    generate = [py, os.path.join(BENCH, "generate.py"), "--size", s.sd_size, "--model", sd_dir,
+                "--steps", str(s.gen_steps), "--resolution", str(s.gen_resolution), "--dtype",
+                s.dtype, "--repeats", str(s.gen_repeats)]
+    part = Part("generate", generate + ["--batch", str(s.gen_batch), "--peak", "--json",
+                                        scratch_json("generate.json")],
+                300, "generate.json", env=dict(shared))
+    if no_torch:
+        part.argv.append("--skip-torch")
+    parts.append(part)
+    parts.append(Part("generate:xla", generate + [
+        "--batch", str(s.gen_batch), "--attention", "xla", "--skip-torch", "--json",
+        scratch_json("generate_xla.json")], 200, "generate_xla.json"))
     train = [py, os.path.join(BENCH, "train_step.py"), "--variant", s.variant, "--dtype",
              s.dtype, "--captions", str(s.captions), "--views", str(s.views), "--image_size",
              str(s.image_size), "--mlp_dim", str(s.mlp_dim), "--emb_dim", str(s.emb_dim),
-             "--steps", str(s.steps)]
-    part = Part("train_step", train + (torch_flag if torch_flag is not None else
-                                       ["--skip_torch"]), 150, env=shared)
-    if torch_flag is None and not args.tiny:
-        part.skip = "PyTorch sees no CUDA GPU here (without it the part repeats attention:einsum)"
-    parts.append(part)
+             "--steps", str(s.steps), "--json", scratch_json("train_step.json"), *peak]
+    parts.append(Part("train_step", train + (["--skip_torch"] if no_torch else []), 200,
+                      "train_step.json", env=dict(shared)))
+    levers = [py, os.path.join(BENCH, "train_levers.py"), *tiny, *peak, "--timeout_s", "170"]
+    parts.append(Part("levers:attention", levers + [
+        "--attention", "--attention_settings", s.attention_settings, "--json",
+        scratch_json("levers_attention.json")], 300, "levers_attention.json"))
+    parts.append(Part("gen_sweep", generate + [
+        "--sweep", s.gen_sweep, "--skip-torch", "--json", scratch_json("gen_sweep.json")],
+        360, "gen_sweep.json"))
+    parts.append(Part("levers:batch", levers + [
+        "--batch", "--batch_captions", s.batch_captions, "--json",
+        scratch_json("levers_batch.json")], 300, "levers_batch.json"))
+    parts.append(Part("levers:profile", levers + [
+        "--profile", "--json", scratch_json("levers_profile.json")], 150, "levers_profile.json"))
+    parts.append(Part("levers:xla_flags", levers + [
+        "--xla_flags", "--json", scratch_json("levers_xla_flags.json")], 300,
+        "levers_xla_flags.json"))
     memory = [py, os.path.join(BENCH, "memory.py"), "--variants", s.variant, "--kinds",
               "stablerep", "--remat", "off", "--captions", str(s.captions), "--views",
               str(s.views), "--image_size", str(s.image_size), "--patch_size",
               str(s.patch_size), "--depth", str(s.depth), "--mlp_dim", str(s.mlp_dim),
               "--emb_dim", str(s.emb_dim), "--dtype", s.dtype, "--devices", "1",
-              "--json", os.path.join(scratch, "memory.json")]
+              "--json", scratch_json("memory.json")]
     parts.append(Part("memory", memory, 120, "memory.json"))
-    parts.append(Part("sd_model", [py, me, "--part", "sd_model", "--sd_dir", sd_dir, "--json",
-                                   os.path.join(scratch, "sd_model.json"), *tiny], 150,
-                      "sd_model.json"))
-    generate = [py, os.path.join(BENCH, "generate.py"), "--size", s.sd_size, "--model", sd_dir,
-                "--steps", str(s.gen_steps), "--resolution", str(s.gen_resolution), "--dtype",
-                s.dtype, "--repeats", str(s.gen_repeats)]
-    # Ours (attention auto) against diffusers' PyTorch pipeline, same latents: the headline.
-    part = Part("generate", generate + ["--batch", str(s.gen_batch), "--peak", "--json",
-                                        os.path.join(scratch, "generate.json")],
-                300, "generate.json", env=dict(shared))
-    if torch_flag is None and not args.tiny:
-        part.argv.append("--skip-torch")
-    parts.append(part)
-    # The same batch on XLA's attention: what `auto` is measured against.
-    parts.append(Part("generate:xla", generate + [
-        "--batch", str(s.gen_batch), "--attention", "xla", "--skip-torch", "--json",
-        os.path.join(scratch, "generate_xla.json")], 200, "generate_xla.json"))
-    parts.append(Part("gen_sweep", generate + [
-        "--sweep", s.gen_sweep, "--skip-torch", "--json",
-        os.path.join(scratch, "gen_sweep.json")], 360, "gen_sweep.json"))
-    if args.tiny:       # one CPU device, like a user's laptop; TF and JAX off any GPU
+    if args.tiny:       # one CPU device, like a user's laptop; JAX and PyTorch off any GPU
         for part in parts:
             part.env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", XLA_FLAGS="")
     if args.parts:
         wanted = args.parts.split(",")
         for part in parts:
-            if not part.skip and part.name not in wanted and part.name.split(":")[0] not in wanted:
+            if part.name not in wanted and part.name.split(":")[0] not in wanted:
                 part.skip = "not in --parts"
     missing = set(pre.get("missing", ()))
     for part in parts:
@@ -391,46 +325,70 @@ def _pct(x) -> str:
     return f"{x:.1%}" if x else "-"
 
 
+def _ok(by_name: dict, name: str) -> dict | None:
+    r = by_name.get(name)
+    return r.result if r and r.result else None
+
+
+def measured_peak(by_name: dict) -> float:
+    """The bf16 matmul peak (random operands) measured by the generate or train_step part."""
+    gen, train = _ok(by_name, "generate") or {}, _ok(by_name, "train_step") or {}
+    return (gen.get("matmul_peak_tflops") or 0) * 1e12 or train.get("matmul_peak_flops") or 0.0
+
+
+def training_rows(by_name: dict, peak: float, peak_pub: float) -> list[dict]:
+    """The train step: the headline against PyTorch, then the attention and batch levers."""
+    rows = []
+    head = _ok(by_name, "train_step")
+    if head:
+        achieved = head["model_flops_per_image"] * head["images_per_s"]
+        rows.append(dict(
+            job=(f"training, {head['images_per_step']} images/step, attention="
+                 f"{head['attention']} (pad {head['attention_pad_to']})"),
+            images_per_s=head["images_per_s"], flops_per_image=head["model_flops_per_image"],
+            utilisation_measured=achieved / peak if peak else None,
+            measured_peak_flops=peak or None,
+            utilisation_published=achieved / peak_pub if peak_pub else None,
+            peak_bytes_in_use=head.get("allocator_peak_bytes"),
+            vs_pytorch=head.get("vs_torch"), pytorch_images_per_s=head.get("torch_images_per_s")))
+    for name, lever in (("levers:attention", "attention"), ("levers:batch", "batch")):
+        result = (_ok(by_name, name) or {}).get(lever) or {}
+        for row in result.get("rows", []):
+            if row.get("error") or row.get("skipped") or not row.get("images_per_s_per_chip"):
+                continue
+            achieved = row["model_flops_per_image"] * row["images_per_s_per_chip"]
+            images = row.get("images_per_step") or (head or {}).get("images_per_step")
+            rows.append(dict(
+                job=(f"training, {images} images/step, attention={row['attention']} "
+                     f"(pad {row['attention_pad_to']})"),
+                images_per_s=row["images_per_s_per_chip"],
+                flops_per_image=row["model_flops_per_image"],
+                utilisation_measured=achieved / peak if peak else None,
+                measured_peak_flops=peak or None,
+                utilisation_published=achieved / peak_pub if peak_pub else None,
+                peak_bytes_in_use=row.get("allocator_peak_bytes")))
+    return rows
+
+
 def summarize(args, records: list[Record], pre: dict) -> dict:
-    """The numbers people want from the parts' JSON: a table per job and the attention ratios."""
+    """The numbers people want from the parts' JSON: one table row per measured setting."""
     kind = pre.get("device_kind", "?")
     peak_pub, peak_source = published_peak(args, kind)
     by_name = {r.name: r for r in records}
-    rows = []
-    einsum = (by_name.get("attention:einsum") or Record("", "")).result
-    for name in ATTENTIONS:
-        r = by_name.get(f"attention:{name}")
-        if not (r and r.status == "ok" and r.result):
-            continue
-        res = r.result
-        memory = res.get("memory") or {}
-        rows.append(dict(
-            job=f"training, attention={name}", images_per_s=res["images_per_s"],
-            flops_per_image=res["flops_per_image"],
-            utilisation_measured=res["utilisation_measured"],
-            measured_peak_flops=res["matmul_peak_flops"],
-            utilisation_published=(res["images_per_s"] * res["flops_per_image"] / peak_pub
-                                   if peak_pub else None),
-            peak_bytes_in_use=memory.get("peak_bytes_in_use"),
-            vs_einsum=(res["images_per_s"] / einsum["images_per_s"] if einsum else None)))
-    rows += generation_rows(by_name, peak_pub)
-    memory = by_name.get("memory")
-    xla_peak = None
-    if memory and memory.status == "ok" and memory.result and memory.result["rows"]:
-        xla_peak = memory.result["rows"][0].get("peak")
-    colour = (einsum or {}).get("colour_stage")
-    if colour and einsum:      # its share of the step it is part of
-        colour = dict(colour, share_of_step=colour["ms_per_image"] / 1e3
-                      * einsum["images_per_s"])
+    peak = measured_peak(by_name)
+    rows = generation_rows(by_name, peak, peak_pub) + training_rows(by_name, peak, peak_pub)
+    memory = _ok(by_name, "memory")
+    xla_peak = memory["rows"][0].get("peak") if memory and memory.get("rows") else None
     return dict(device_kind=kind, platform=pre.get("platform"), jax=pre.get("jax"),
-                published_peak_flops=peak_pub, published_peak_source=peak_source,
-                xla_memory_analysis_peak_bytes=xla_peak, colour_stage=colour, rows=rows,
+                versions=pre.get("notes"), published_peak_flops=peak_pub,
+                published_peak_source=peak_source, measured_peak_flops=peak,
+                xla_memory_analysis_peak_bytes=xla_peak, rows=rows,
                 parts=[dict(name=r.name, status=r.status, detail=r.detail,
                             wall_s=round(r.wall_s, 1), log=r.log) for r in records],
                 results={r.name: r.result for r in records if r.result})   # self-contained
 
 
-def generation_rows(by_name: dict, peak_pub: float) -> list[dict]:
+def generation_rows(by_name: dict, peak: float, peak_pub: float) -> list[dict]:
     """One row per sampler run: the headline (vs PyTorch), XLA attention, the batch sweep."""
     runs = []
     for name, key in (("generate", "ours"), ("generate:xla", "ours")):
@@ -443,7 +401,6 @@ def generation_rows(by_name: dict, peak_pub: float) -> list[dict]:
     rows = []
     for result, run in runs:
         flops = run["flops_per_image"] * run["images_per_s"]
-        peak = (result.get("matmul_peak_tflops") or 0) * 1e12
         torch_rate = (result.get("torch") or {}).get("images_per_s")
         rows.append(dict(
             job=(f"generation, {result['steps']} steps, batch {run['batch']}, "
@@ -476,8 +433,6 @@ def summary_markdown(summary: dict, logs: dict[str, str]) -> str:
         if r.get("vs_pytorch"):
             ratio = (f"{r['vs_pytorch']:.2f}x PyTorch "
                      f"({r['pytorch_images_per_s']:.3g} images/s)")
-        elif r.get("vs_einsum"):
-            ratio = f"{r['vs_einsum']:.2f}x einsum"
         else:
             ratio = "-"
         peak = (f" ({r['measured_peak_flops'] / 1e12:.3g} TFLOP/s)"
@@ -488,16 +443,14 @@ def summary_markdown(summary: dict, logs: dict[str, str]) -> str:
     if s["xla_memory_analysis_peak_bytes"]:
         lines.append(f"\nXLA memory analysis of the train step, per device: "
                      f"{s['xla_memory_analysis_peak_bytes'] / GIB:.2f} GiB at the peak")
-    colour = s.get("colour_stage")
-    if colour:
-        lines.append(f"\nColour stage on the device (device_augment.finish_views, "
-                     f"{colour['images']} x {colour['image_size']}^2 uint8 views, "
-                     f"{colour['dtype']} out): {colour['ms_per_image']:.3g} ms per image, "
-                     f"{colour['flops_per_image'] / 1e6:,.0f} MFLOP per image (XLA); "
-                     f"{_pct(colour['share_of_step'])} of the einsum train step's time, "
-                     f"which includes it")
+    sys.path.insert(0, BENCH)
+    import train_levers          # tables only: it imports no JAX
+    for name, lever in (("levers:profile", "profile"), ("levers:xla_flags", "xla_flags")):
+        result = (s["results"].get(name) or {}).get(lever)
+        if result:
+            lines += ["", train_levers.table(result)]
     relayed = [f"{name}: {line.strip()}" for name, text in logs.items()
-               for line in text.splitlines() if line.startswith(("ratio", "same latents"))]
+               for line in text.splitlines() if line.startswith(("ratio", "same latents", "torch"))]
     if relayed:
         lines += ["", "From the parts' own output (one run each):"] + relayed
     return "\n".join(lines)

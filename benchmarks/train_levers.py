@@ -441,6 +441,9 @@ def _args(argv=None):
                    "xla_flags.CANDIDATE_GPU_FLAGS, comma-separated, or all")
     p.add_argument("--attention", action="store_true",
                    help="model.attention x attention_pad_to: einsum/1, xla/2, cudnn/2, cudnn/64")
+    p.add_argument("--attention_settings", default="",
+                   help="KIND:PAD pairs for --attention, comma-separated (default: "
+                   "einsum:1,xla:2,cudnn:2,cudnn:64)")
     p.add_argument("--profile", action="store_true", help="(c) the top ops of a traced step")
     p.add_argument("--profile_dir", default="", help="trace folder (default: a temporary one)")
     p.add_argument("--profile_steps", type=int, default=3)
@@ -484,7 +487,11 @@ def main(argv=None) -> dict:
         results["xla_flags"] = xla_flags_sweep(sizes, candidates, peak_flops=peak,
                                                timeout_s=args.timeout_s)
     if wanted["attention"]:
-        results["attention"] = attention_sweep(sizes, peak_flops=peak, timeout_s=args.timeout_s)
+        settings = tuple((kind, int(pad)) for kind, pad in (
+            item.split(":") for item in args.attention_settings.split(",") if item)) \
+            or ATTENTION_SETTINGS
+        results["attention"] = attention_sweep(sizes, settings, peak_flops=peak,
+                                               timeout_s=args.timeout_s)
     for lever in ("profile", "batch", "xla_flags", "attention"):
         if lever in results:
             print(table(results[lever]) + "\n", flush=True)

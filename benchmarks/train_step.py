@@ -24,6 +24,7 @@ as float input without that stage (the reference runs it in its data-loader work
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -61,6 +62,7 @@ def parse_args():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--skip_torch", action="store_true")
+    p.add_argument("--json", default="", help="also write the numbers here")
     p.add_argument("--attention", default=None,
                    help="model.attention (default: the config's, auto)")
     p.add_argument("--attention_pad_to", type=int, default=None,
@@ -281,11 +283,17 @@ def main():
     print(f"jax   : XLA's cost analysis (cross-check; misses custom calls on GPUs): "
           f"{result['xla_flops_per_step_per_chip'] * chips / images_per_step / 1e9:.2f} "
           f"GFLOP/image")
+    out = dict(result, images_per_step=images_per_step, images_per_s=jax_ips,
+               matmul_peak_flops=peak, utilisation_measured=achieved / peak)
     if not ARGS.skip_torch:
         torch_time = bench_torch(config, batch)
         torch_ips = images_per_step / torch_time
         print(f"torch : {torch_time * 1e3:9.1f} ms/step  {torch_ips:9.2f} images/s (eager)")
         print(f"ratio jax/torch images/s: {jax_ips / torch_ips:.2f}x")
+        out.update(torch_images_per_s=torch_ips, vs_torch=jax_ips / torch_ips)
+    if ARGS.json:
+        with open(ARGS.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1, default=str)
 
 
 if __name__ == "__main__":
