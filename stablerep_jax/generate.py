@@ -185,18 +185,18 @@ _SUMMED = ("images", "captions", "shards_written", "seconds", "truncated_caption
 
 
 def earlier_runs(summary_path: str) -> list[dict]:
-    """The runs an existing summary file lists (none when there is no file). A file written
-    before summaries listed their runs counts as one run."""
+    """The runs an existing summary file lists (none when there is no file)."""
     try:
         summary = fileio.read_json(summary_path)
     except FileNotFoundError:
         return []
     if not isinstance(summary, dict):
         raise ValueError(f"{summary_path}: expected a JSON object, found {type(summary).__name__}")
-    if "runs" in summary:
-        return list(summary["runs"])
-    return [{key: summary[key] for key in (*_SUMMED, "devices", "device_kind", "per_device_batch")
-             if key in summary}]
+    if not isinstance(summary.get("runs"), list):
+        raise ValueError(f"{summary_path} has no 'runs' list: it was written by another layout "
+                         "of generate, whose counts this run cannot add to; move it aside (the "
+                         "shards stay and are kept) or use a new output_dir")
+    return list(summary["runs"])
 
 
 def summarize(runs: Sequence[dict], host: dict) -> dict:

@@ -237,9 +237,7 @@ def settings_of(config, groups: Sequence[layouts.CaptionGroup], seeds: Sequence[
         "seeds": list(seeds), "captions_per_shard": config.captions_per_shard,
         "image_format": config.image_format, "save_size": config.save_size,
         "jpeg_quality": config.jpeg_quality if reencodes_jpeg else None,
-        # Recorded when not the default only: output made before the key existed used it.
-        **({"max_image_pixels": config.max_image_pixels}
-           if config.max_image_pixels != DEFAULT_MAX_IMAGE_PIXELS else {}),
+        "max_image_pixels": config.max_image_pixels,
         shard_plan.ORDER_KEY: shard_plan.order_info(),
     }
 
@@ -286,17 +284,23 @@ def _write_shard(output_dir: str, name: str, recs: Sequence[records.CaptionRecor
 
 
 def _read_shard_info(output_dir: str, name: str) -> dict:
-    """A finished shard's info file; for a shard written by an older version (no info file),
-    its counts read from the shard (its skipped images are then unknown, and logged)."""
-    try:
-        return fileio.read_json(_info_path(output_dir, name))
-    except FileNotFoundError:
-        done = records.read_records(os.path.join(output_dir, name))
-        logging.warning("%s has no %s/%s.json (written by an older version): counted its "
-                        "records; images it left out are not in %s", name, SHARD_INFO_DIR,
-                        name, MISSING_REPORT)
-        return {"captions": len(done), "images": sum(len(r.images) for r in done),
-                "min_images": min((len(r.images) for r in done), default=None), "skipped": []}
+    """A finished shard's info file (`_write_shard` writes it before the shard)."""
+    return fileio.read_json(_info_path(output_dir, name))
+
+
+def _check_shard_infos(output_dir: str, finished: set[str]) -> None:
+    """Every shard on disk has its info file (written before it), or the output comes from
+    another layout of this job: one listing, after the shards' (a shard another host renames
+    in between has its info file already)."""
+    info_dir = os.path.join(output_dir, SHARD_INFO_DIR)
+    infos = set(tf.io.gfile.listdir(info_dir)) if finished and fileio.exists(info_dir) else set()
+    lacking = sorted(n for n in finished if n + ".json" not in infos)
+    if lacking:
+        raise ValueError(
+            f"{output_dir} holds {len(lacking)} shard(s) without {SHARD_INFO_DIR}/<shard>.json "
+            f"({', '.join(lacking[:3])}{' ...' if len(lacking) > 3 else ''}): they were written "
+            "by another layout of import_images (one that kept no per-shard counts) and cannot "
+            "be completed; import into a new output_dir")
 
 
 def _check_present(config, todo) -> None:
@@ -403,6 +407,7 @@ def _prepare(config, process_index: int, process_count: int) -> dict:
         os.path.join(output_dir, SETTINGS_NAME), settings)
     finished = _finished_shards(output_dir) if fileio.exists(output_dir) else set()
     _check_output_dir(output_dir, settings_existed, finished)
+    _check_shard_infos(output_dir, finished)
     plan = plan_shards(groups, config.captions_per_shard)
     mine = plan[process_index::process_count]
     todo = [(name, chunk) for name, chunk in mine if name not in finished]

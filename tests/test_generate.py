@@ -336,6 +336,19 @@ def test_sigterm_through_the_command_line_exits_75_and_a_rerun_completes(
     _same_output(out, straight)
 
 
+def test_a_summary_of_another_layout_is_refused_not_folded_in(tmp_path):
+    """summary.json without its 'runs' list (a layout that kept one run's totals) is an error
+    naming the file, not counted as one run."""
+    path = str(tmp_path / "summary.json")
+    assert generate.earlier_runs(path) == []
+    fileio.write_json_atomic(path, {"runs": [{"images": 4}], "images": 4})
+    assert generate.earlier_runs(path) == [{"images": 4}]
+    fileio.write_json_atomic(path, {"images": 14, "seconds": 2.0, "devices": 8})
+    with pytest.raises(ValueError, match=r"summary.json has no 'runs' list: .*another layout "
+                                         r"of generate.*move it aside"):
+        generate.earlier_runs(path)
+
+
 def test_summary_keeps_every_run_and_a_failed_runs_finished_shards(
         model, captions_file, sampler8, tmp_path, monkeypatch):
     """A resume adds its run to summary.json instead of replacing the earlier ones; a run that

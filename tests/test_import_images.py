@@ -247,6 +247,33 @@ def test_shards_of_a_version_without_settings_are_not_completed(tmp_path):
         import_images.run(config)
 
 
+def test_an_output_of_another_layout_is_refused_naming_what_changed(tmp_path):
+    """No upgrade path: settings.json from a layout that recorded neither max_image_pixels nor
+    the caption order, or a shard without its info file, stops a rerun before it writes."""
+    csv_path, roots = _reference_layout(str(tmp_path / "src"))
+    out = str(tmp_path / "out")
+    config = _config(out, csv=csv_path, roots=",".join(roots))
+    import_images.run(config)
+    settings_path = os.path.join(out, import_images.SETTINGS_NAME)
+    settings = fileio.read_json(settings_path)
+    assert settings["max_image_pixels"] == import_images.DEFAULT_MAX_IMAGE_PIXELS
+    old = {k: v for k, v in settings.items() if k not in ("max_image_pixels", "caption_order")}
+    fileio.write_json_atomic(settings_path, old)
+    before = {p: os.stat(os.path.join(out, p)).st_mtime_ns for p in os.listdir(out)}
+    with pytest.raises(ValueError, match=r"other settings \(caption_order: None -> \{.*"
+                                         r"max_image_pixels: None -> 178956970\)"):
+        import_images.run(config)
+    assert {p: os.stat(os.path.join(out, p)).st_mtime_ns for p in os.listdir(out)} == before
+    fileio.write_json_atomic(settings_path, settings)
+    shard = sorted(n for n in os.listdir(out) if n.endswith(".tfrecord"))[1]
+    os.remove(os.path.join(out, import_images.SHARD_INFO_DIR, shard + ".json"))
+    before = {p: os.stat(os.path.join(out, p)).st_mtime_ns for p in os.listdir(out)}
+    with pytest.raises(ValueError, match=rf"holds 1 shard\(s\) without shard_info/<shard>.json "
+                                         rf"\({shard}\).*another layout of import_images"):
+        import_images.run(config)
+    assert {p: os.stat(os.path.join(out, p)).st_mtime_ns for p in os.listdir(out)} == before
+
+
 def test_missing_report_and_counts_cover_the_whole_output(tmp_path):
     """A rerun that writes only some shards still reports every skipped image (and drops a
     report whose images came back), and the manifest counts every shard."""

@@ -262,7 +262,6 @@ def make_train_iterator(data_config, *, batch_size: int, seed: int, process_inde
     counts = [count_of[f] for f in files]
     shards.check_not_empty(files, counts)
     manifests = shards.read_manifests(all_files)
-    shards.warn_unpermuted(manifests)
     offsets = shards.label_offsets(manifests)
     _check_images_per_caption(manifests, n_img)
     plan = shards.EpochPlan(files=tuple(files), counts=tuple(counts), seed=int(seed),

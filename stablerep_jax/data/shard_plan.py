@@ -10,8 +10,8 @@ captions file: labels, resume and the images generated for a caption do not chan
 
 The permutation is computed from raw PCG64 output (a stream NumPy guarantees not to change) and
 a stable argsort, so a resumed `generate` on another NumPy version puts every caption into the
-same shard. Writers record `order_info()` in settings.json and manifest.json; readers warn about
-directories without it (`is_permuted`), which older versions wrote in captions-file order.
+same shard. Writers record `order_info()` in settings.json (so a rerun into an output written
+with another layout stops, naming it) and in manifest.json (`is_permuted`).
 """
 from __future__ import annotations
 

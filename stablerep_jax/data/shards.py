@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from stablerep_jax.data import records, shard_plan
+from stablerep_jax.data import records
 
 
 # Names a glob can match in an output directory that are not shards (jobs write these beside them).
@@ -77,14 +77,13 @@ def read_manifests(files: Sequence[str]) -> dict[str, dict | None]:
 
 def _caption_id_range(directory: str, manifest: dict | None) -> int:
     """How many caption ids a directory's shards may use (ids lie in [0, range))."""
-    for key in ("num_caption_ids", "total_captions"):
-        if manifest and manifest.get(key) is not None:
-            return int(manifest[key])
+    if manifest and manifest.get("num_caption_ids") is not None:
+        return int(manifest["num_caption_ids"])
     raise ValueError(
         f"data.train_files spans several directories, so labels are caption_id + an offset per "
         f"directory, but {directory}/{records.MANIFEST_NAME} is missing or does not say how many "
-        "caption ids its shards use (num_caption_ids; older versions did not record it): rerun "
-        "generate/import_images there to rewrite the manifest, or train on one directory")
+        "caption ids its shards use (num_caption_ids, which generate and import_images record): "
+        "write that directory with them, or train on one directory")
 
 
 def label_offsets(manifests: dict[str, dict | None]) -> dict[str, int]:
@@ -102,20 +101,6 @@ def label_offsets(manifests: dict[str, dict | None]) -> dict[str, int]:
         raise ValueError(f"{total} caption ids over {len(directories)} directories do not fit "
                          "int32 labels")
     return offsets
-
-
-def warn_unpermuted(manifests: dict[str, dict | None]) -> list[str]:
-    """Logs a warning for each directory whose shards were not written by a seeded global
-    permutation (older generate/import_images wrote runs of consecutive captions); returns them."""
-    old = [d for d, m in manifests.items() if not shard_plan.is_permuted(m)]
-    for directory in old:
-        logging.warning(
-            "%s: its manifest.json does not record %r, so its shards were written in "
-            "captions-file order (an older generate/import_images, or no manifest): a batch will "
-            "hold runs of neighbouring captions, unlike the reference's global shuffle. Rewrite "
-            "it with this version of generate/import_images (a new output_dir).",
-            directory, shard_plan.ORDER_KEY)
-    return old
 
 
 def check_not_empty(files: Sequence[str], counts: Sequence[int], threads: int = 16) -> None:
