@@ -385,13 +385,14 @@ def write_outputs(config, plan, settings: dict, k_max: int) -> dict:
 
 
 def _check_output_dir(output_dir: str, settings_existed: bool, finished: set[str]) -> None:
-    """Shards without settings.json come from a version that recorded no settings (and put
-    captions into shards in another order): adding to them would mix two layouts."""
+    """Shards (or a manifest) without settings.json: nothing says what they were made from,
+    and adding to them could mix two data sets or layouts."""
     if settings_existed or not (finished or records.read_manifest(output_dir) is not None):
         return
-    raise ValueError(f"{output_dir} holds shards ({len(finished)}) but no {SETTINGS_NAME}: "
-                     "they were written by an older version (captions in CSV order) and cannot "
-                     "be completed; import into a new output_dir")
+    raise ValueError(f"{output_dir} holds shards ({len(finished)}) but no {SETTINGS_NAME}, so "
+                     "nothing says what they were made from (another layout of import_images, "
+                     "or files copied in): they cannot be completed; import into a new "
+                     "output_dir")
 
 
 def _prepare(config, process_index: int, process_count: int) -> dict:
