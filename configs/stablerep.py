@@ -55,6 +55,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.preemption_check_every = 10  # multi-host SIGTERM agreement every N steps, only when JAX's
                                    # preemption service is off (else its sync point picks the step)
     c.init_from = config_dict.placeholder(str)   # params of a `convert` or `train` checkpoint
+    # WORKDIR/lease.json: one trainer per workdir. Another trainer's lease is taken over once
+    # its heartbeat (rewritten every heartbeat_s) is older than timeout_s; until then a second
+    # trainer refuses, naming the holder (stablerep_jax/lease.py).
+    c.lease = ml_collections.ConfigDict()
+    c.lease.timeout_s = 300.0
+    c.lease.heartbeat_s = 30.0
 
     c.data = ml_collections.ConfigDict()
     c.data.train_files = config_dict.placeholder(str)   # glob of TFRecord shards

@@ -20,7 +20,7 @@ from absl import logging
 
 # Config keys (or key prefixes) that do not change the data stream, the schedule or the model.
 SAFE_TO_CHANGE = ("stop_at_step", "checkpoint_every", "keep_checkpoints", "log_every",
-                  "preemption_check_every", "knn", "init_from", "preset",
+                  "preemption_check_every", "knn", "init_from", "preset", "lease",
                   # the attention kernel: same math and the same parameter tree, any kind
                   "model.attention", "model.attention_pad_to")
 # Names of the non-config parts of a run's identity, usable in --resume_allow_changes.

@@ -10,6 +10,11 @@ logging, checkpoints, preemption and NaN guards. Rerunning the same command resu
 Exit codes (`cli`): 0 when the run reached its last step (or `stop_at_step`), 75
 (`cli.EXIT_RESUME`, EX_TEMPFAIL) when SIGTERM stopped it early after saving a checkpoint (run
 the same command again to resume), 1 on an error. Nothing non-finite is ever saved.
+
+One trainer per workdir: the run holds WORKDIR/lease.json (`lease.py`: host, pid, start time,
+heartbeat). A second trainer refuses, naming the holder; a lease whose heartbeat is older than
+`lease.timeout_s` is taken over, and its old holder stops at its next checkpoint (saving
+nothing), naming the new one.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import numpy as np
 from absl import flags, logging
 from tqdm import tqdm
 
-from stablerep_jax import checkpoint, cli, flops, parallel, resume, xla_flags
+from stablerep_jax import checkpoint, cli, flops, lease, parallel, resume, xla_flags
 from stablerep_jax.data import pipeline, shards
 from stablerep_jax.metrics import MetricWriter
 from stablerep_jax.preemption import PreemptedAtStartup, PreemptionWatch  # noqa: F401
@@ -121,6 +126,7 @@ def check_config(config) -> None:
             raise ValueError(f"{key}={config[key]}: must be > 0 ({meaning})")
     checkpoint.keep_policy(config.keep_checkpoints)
     parallel.host_local_batch_size(config.batch_size)
+    lease.check_settings(config.lease.timeout_s, config.lease.heartbeat_s)
 
 
 # The job
@@ -140,7 +146,11 @@ def train_and_evaluate(config, workdir: str, allow_changes=(),
     during the last save waits for it."""
     with PreemptionWatch(config.preemption_check_every) as watch:
         try:
-            return _train_and_evaluate(config, workdir, allow_changes, checkpoint_workdir, watch)
+            check_config(config)           # before the lease: a wrong config writes nothing
+            with lease.hold(workdir, config.lease.timeout_s,
+                            config.lease.heartbeat_s) as check_lease:
+                return _train_and_evaluate(config, workdir, allow_changes, checkpoint_workdir,
+                                           watch, check_lease)
         except PreemptedAtStartup:
             steps = checkpoint.finished_steps(checkpoint_workdir or workdir)
             last = steps[-1] if steps else 0
@@ -151,8 +161,7 @@ def train_and_evaluate(config, workdir: str, allow_changes=(),
 
 
 def _train_and_evaluate(config, workdir: str, allow_changes, checkpoint_workdir,
-                        watch: PreemptionWatch) -> TrainResult:
-    check_config(config)
+                        watch: PreemptionWatch, check_lease=lambda: None) -> TrainResult:
     mesh = parallel.make_mesh()
     total_steps, steps_per_epoch = training_length(config)
     stop_at = min(config.stop_at_step, total_steps) if config.stop_at_step > 0 else total_steps
@@ -252,6 +261,7 @@ def _train_and_evaluate(config, workdir: str, allow_changes, checkpoint_workdir,
                     writer.write(step, knn_monitor(state.params, state.batch_stats))
 
                 if save_now:
+                    check_lease()         # taken over by another trainer: stop, save nothing
                     ckpt.save(step, state, model_config, run_meta)
                 if preempted:
                     break
