@@ -115,6 +115,17 @@ def test_a_lease_left_by_a_dead_process_of_this_host_is_taken_at_once(tmp_path):
     held.release()
 
 
+def test_the_lease_goes_through_fileio_on_a_url(ram_dir):
+    """ram:// stands in for gs://: the lease is read, written and removed through tf.io.gfile."""
+    held = lease.Lease(ram_dir, timeout_s=300, heartbeat_s=30).acquire()
+    assert lease.read_lease(ram_dir)["token"] == held.record["token"]
+    with pytest.raises(lease.LeaseHeld, match=f"{ram_dir} is in use by another trainer"):
+        lease.Lease(ram_dir, timeout_s=300, heartbeat_s=30).acquire()
+    held.release()
+    assert lease.read_lease(ram_dir) is None
+    assert not os.path.exists("ram:")
+
+
 # --------------------------------------------------------------------------------------------
 # In train
 
