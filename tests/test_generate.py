@@ -349,6 +349,40 @@ def test_a_summary_of_another_layout_is_refused_not_folded_in(tmp_path):
         generate.earlier_runs(path)
 
 
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_hosts_stops_both(model, sampler8, long_run, tmp_path):
+    """Two processes: JAX's preemption notifier used to swallow the SIGTERM and the job ran on
+    to the end. Host 0 alone is signalled after its first shard; the preemption sync point
+    stops both hosts at one agreed batch, host 0 writes an incomplete manifest, both exit 75,
+    and a rerun completes the output with every caption once."""
+    import signal
+    from processes import free_port
+    captions, _ = long_run
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    script = os.path.join(REPO, "tests", "multiprocess_generate.py")
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, script, str(i), "2", port, model, captions,
+                               str(out)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    lines = []
+    for line in procs[0].stdout:
+        lines.append(line)
+        if "wrote train-00000-of-00010.tfrecord" in line:
+            procs[0].send_signal(signal.SIGTERM)
+            break
+    outputs = ["".join(lines) + procs[0].communicate(timeout=300)[0],
+               procs[1].communicate(timeout=300)[0]]
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 75, output[-3000:]
+        assert "stopped (SIGTERM) after" in output, output[-3000:]
+    manifest = records.read_manifest(str(out))
+    assert not manifest["complete"] and manifest["num_shards"] < 10
+    generate.run(_config(model, captions, out), sampler=sampler8)
+    assert records.read_manifest(str(out))["complete"]
+    assert sorted(_read_output(out)) == list(range(30))         # every caption, once
+
+
 def test_summary_keeps_every_run_and_a_failed_runs_finished_shards(
         model, captions_file, sampler8, tmp_path, monkeypatch):
     """A resume adds its run to summary.json instead of replacing the earlier ones; a run that
