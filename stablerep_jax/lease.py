@@ -101,7 +101,8 @@ class Lease:
     def __init__(self, workdir: str, timeout_s: float, heartbeat_s: float,
                  clock: Callable[[], float] = time.time):
         check_settings(timeout_s, heartbeat_s)
-        self.workdir, self.timeout_s, self.heartbeat_s = workdir, float(timeout_s), float(heartbeat_s)
+        self.workdir = workdir
+        self.timeout_s, self.heartbeat_s = float(timeout_s), float(heartbeat_s)
         self.clock = clock
         self.record: Optional[dict] = None
         self.lost_to: Optional[dict] = None      # set by the heartbeat thread when taken over
