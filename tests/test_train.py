@@ -252,9 +252,10 @@ def test_sigterm_through_the_command_line_exits_75_and_a_rerun_resumes(train_fil
 @pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message(train_files, tmp_path, monkeypatch):
     def poison_at_4(step, batch):
-        if step == 4:     # finished float views (no colour parameters): uint8 cannot hold NaN
-            batch = {k: v for k, v in batch.items() if k != recipe.PARAMS_KEY}
-            batch["images"] = np.full(batch["images"].shape, np.nan, np.float32)
+        if step == 4:     # a NaN blur sigma: NaN views reach the model (uint8 cannot hold NaN)
+            params = batch[recipe.PARAMS_KEY].copy()
+            params[..., recipe.P_BLUR], params[..., recipe.P_SIGMA] = 1.0, np.nan
+            batch = dict(batch, **{recipe.PARAMS_KEY: params})
         return batch
 
     _wrap_iterator(monkeypatch, poison_at_4)
