@@ -50,7 +50,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.image_format = "jpeg"      # jpeg / png
     c.jpeg_quality = 95
 
-    c.per_device_batch = 8       # images per device per call
+    # Images per device per call. On an H200 (SD-v1.5, 512 px, bf16, cuDNN attention) 8 / 16 /
+    # 32 gave 4.58 / 4.83 / 4.94 images/s at 5 / 8 / 14 GiB peak (benchmarks/RESULTS.md); lower
+    # it on chips with less memory.
+    c.per_device_batch = 32
     c.num_devices = 0            # 0: every local device
     c.captions_per_shard = 1000  # ~150 MB shards at K=10, 256px JPEG
     c.num_workers = 8            # threads resizing and encoding images
