@@ -47,19 +47,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "benchmarks")
 sys.path.insert(0, REPO)
 
+from stablerep_jax.chips import PUBLISHED_BF16_TFLOPS  # noqa: E402  (no JAX import)
+
 GIB = 1024 ** 3
-# Published dense bf16 peaks (TFLOP/s, vendor data sheets), by JAX's device_kind. Used only when
-# --published_peak_tflops is not given; labelled "published" wherever it is printed.
-PUBLISHED_BF16_TFLOPS = {
-    "NVIDIA H100 80GB HBM3": 989.0,       # H100 SXM
-    "NVIDIA H200": 989.0,
-    "NVIDIA A100-SXM4-80GB": 312.0,
-    "NVIDIA A100-SXM4-40GB": 312.0,
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,                 # v5e
-    "TPU v5": 459.0,                      # v5p
-    "TPU v6 lite": 918.0,                 # v6e (Trillium)
-}
 # What each part imports beyond JAX (module names), so preflight can skip what cannot run.
 NEEDS = {
     "train_step": ("ml_collections", "optax", "torch", "timm"),

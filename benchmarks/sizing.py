@@ -13,8 +13,10 @@ Measured on ONE device of the default JAX backend (the per-chip rate, no communi
   fed as the input pipeline feeds `train`: uint8 views plus colour parameters, so the rate and
   FLOPs include the colour stage the step runs (benchmarks/train_step.py's `random_batch`).
 
-Each rate comes with the FLOPs per image that XLA's cost analysis counts for the compiled
-programs, the achieved FLOP/s, and the utilisation of this device's measured matmul peak.
+Each rate comes with the model FLOPs per image (the sampler's from its program's matmuls and
+convolutions, `program_flops`; the train step's from `flops.py`: XLA's GPU cost analysis leaves
+cuBLAS/cuDNN calls out), the achieved FLOP/s, and the utilisation of this device's measured
+matmul peak.
 The CC12M cost uses the paper's recipe: `--dataset_captions` captions (about 10M for CC12M) x 10
 images generated, and 15 epochs ("1x") of captions x 6 images for training.
 
@@ -45,7 +47,6 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 sys.path.insert(0, REPO)
 
-from stablerep_jax import train  # noqa: E402
 from stablerep_jax.generation import sampler as sampler_lib  # noqa: E402
 from tiny_sd import write_tiny_sd  # noqa: E402
 from train_step import bench_jax, make_config, matmul_peak_flops, random_batch  # noqa: E402
@@ -88,36 +89,6 @@ def _args(argv=None):
     return args
 
 
-def cost_flops(fn, *abstract_args) -> float:
-    """FLOPs XLA counts for one call of `fn` compiled for these abstract arguments."""
-    return train.compiled_flops(jax.jit(fn).lower(*abstract_args).compile())
-
-
-def generation_flops(sampler) -> float:
-    """FLOPs of one image: text encoder + steps x UNet (both guidance halves) + VAE decode.
-
-    Counted component by component because XLA's cost analysis counts a loop body once."""
-    pipeline, params, settings = sampler.pipeline, sampler.params, sampler.settings
-    guided = 2 if settings.guidance_scale != 1.0 else 1
-    n = sampler.per_device_batch
-    c, h, w = sampler.latent_shape
-    dtype = sampler_lib.DTYPES[settings.dtype]
-    spec = jax.ShapeDtypeStruct
-    ids = spec((n, sampler.max_length), jnp.int32)
-    text = cost_flops(lambda p, i: pipeline.text_encoder(i, params=p)[0],
-                      params["text_encoder"], ids)
-    width = pipeline.text_encoder.config.hidden_size
-    unet = cost_flops(
-        lambda p, x, t, ctx: pipeline.unet.apply({"params": p}, x, t,
-                                                 encoder_hidden_states=ctx).sample,
-        params["unet"], spec((guided * n, c, h, w), dtype), spec((guided * n,), jnp.int32),
-        spec((guided * n, sampler.max_length, width), dtype))
-    vae = cost_flops(
-        lambda p, z: pipeline.vae.apply({"params": p}, z, method=pipeline.vae.decode).sample,
-        params["vae"], spec((n, c, h, w), dtype))
-    return (text * guided + unet * settings.num_inference_steps + vae) / n
-
-
 def measure_generation(args, device) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.sd_model
@@ -140,7 +111,7 @@ def measure_generation(args, device) -> dict:
     for _ in range(args.gen_repeats):
         sampler.sample(ids, seeds, cids)
     seconds = (time.perf_counter() - start) / args.gen_repeats
-    flops = generation_flops(sampler)
+    flops = sampler.flops_per_image()     # model FLOPs from the program (program_flops)
     return dict(images_per_s=args.gen_batch / seconds, seconds_per_batch=seconds,
                 compile_s=compile_s, flops_per_image=flops,
                 settings=dict(resolution=args.gen_resolution, steps=args.gen_steps,

@@ -11,10 +11,9 @@ import time
 
 import pytest
 
-from stablerep_jax import checkpoint, config_utils, lease, train
+from stablerep_jax import checkpoint, lease, train
 from stablerep_jax.data import pipeline
 
-import synthetic_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,19 +129,7 @@ def test_the_lease_goes_through_fileio_on_a_url(ram_dir):
 # In train
 
 
-def _config(train_files, **overrides):
-    config = config_utils.load_config(os.path.join(REPO, "configs", "stablerep.py") + ":tiny")
-    config.data.train_files = train_files
-    config.data.shuffle_buffer = 16
-    for key, value in overrides.items():
-        config_utils.apply_overrides(config, {key: value})
-    return config
-
-
-@pytest.fixture(scope="module")
-def train_files(tmp_path_factory):
-    return synthetic_records.write_dataset(str(tmp_path_factory.mktemp("records")),
-                                           num_captions=32, images_per_caption=4, size=40)
+from test_train import tiny_config as _config, train_files  # noqa: E402,F401  (a fixture)
 
 
 def test_lease_settings_are_checked_before_anything_is_written(tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from stablerep_jax.generation.sd.clip_text import load_clip_text
+from tiny_sd import randomize_params
 
 VOCAB = 1000
 BOS, EOS = VOCAB - 2, VOCAB - 1      # SD's tokenizer pads with EOS after the end token
@@ -17,18 +18,7 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
             vocab_size=VOCAB, max_position_embeddings=77)
 
 
-def _randomize(model, seed: int) -> None:
-    """Every parameter random (LayerNorm weights around 1, biases around 0), so a transposed,
-    swapped or skipped tensor shows in the output."""
-    import torch
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim == 1:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * noise)
-            else:
-                p.copy_(noise * p.shape[-1] ** -0.5)
+_randomize = randomize_params
 
 
 def _torch_clip(seed: int = 0, **overrides):

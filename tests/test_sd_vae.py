@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from stablerep_jax.generation.sd.vae import load_vae_decoder
+from tiny_sd import randomize_params
 
 TINY = dict(block_out_channels=(32, 32), layers_per_block=1,
             down_block_types=("DownEncoderBlock2D",) * 2,
@@ -16,18 +17,7 @@ TINY = dict(block_out_channels=(32, 32), layers_per_block=1,
             sample_size=32)
 
 
-def _randomize(model, seed: int) -> None:
-    """Every parameter random (GroupNorm weights around 1, biases around 0), fan-in scaled, so
-    a transposed, swapped or skipped tensor shows in the output."""
-    import torch
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim == 1:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * noise)
-            else:
-                p.copy_(noise * p[0].numel() ** -0.5)
+_randomize = randomize_params
 
 
 def _torch_vae(seed: int = 0, **overrides):

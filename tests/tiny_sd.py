@@ -112,6 +112,21 @@ def _perturb_norms(module, torch) -> None:
             p.copy_((1.0 + noise) if name.endswith("weight") else noise)
 
 
+def randomize_params(model, seed: int) -> None:
+    """Every parameter of a PyTorch module random (norm weights around 1, biases around 0,
+    matrices and kernels fan-in scaled), so a transposed, swapped or skipped tensor shows in the
+    output of a parity test."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.ndim == 1:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * noise)
+            else:
+                p.copy_(noise * p[0].numel() ** -0.5)
+
+
 def _drop_tree(path: str) -> None:
     for name in os.listdir(path):
         os.remove(os.path.join(path, name))

@@ -10,7 +10,6 @@ which transformers 5 keeps. A pipeline folder needs `unet/`, `vae/`, `text_encod
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -65,17 +64,6 @@ def check_model(model: str) -> None:
                                 f"{', '.join(c + '/' for c in absent)}")
 
 
-def _scheduler_config(folder: str) -> dict:
-    path = os.path.join(folder, "scheduler_config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{folder}: no scheduler_config.json") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-
-
 def _tokenizer(folder: str):
     try:
         return CLIPTokenizer.from_pretrained(folder)
@@ -102,7 +90,8 @@ def load(model: str, dtype=jnp.bfloat16, attention: str = "xla") -> StableDiffus
         text_encoder=text_module, unet=unet_module, vae=vae_module,
         params={"text_encoder": text_params, "unet": unet_params, "vae": vae_params},
         tokenizer=_tokenizer(os.path.join(path, "tokenizer")),
-        scheduler_config=_scheduler_config(os.path.join(path, "scheduler")),
+        scheduler_config=weights.read_config(os.path.join(path, "scheduler"),
+                                             "scheduler_config.json"),
         scaling_factor=float(scaling_factor),
         vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
         unet_scale_factor=2 ** (len(unet_config["block_out_channels"]) - 1),

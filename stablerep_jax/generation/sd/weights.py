@@ -149,13 +149,14 @@ def read_state_dict(folder: str) -> tuple[dict[str, np.ndarray], str]:
     return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}, path
 
 
-def read_config(folder: str) -> dict:
-    path = os.path.join(folder, "config.json")
+def read_config(folder: str, name: str = "config.json") -> dict:
+    """A component's JSON config, with errors that name the file."""
+    path = os.path.join(folder, name)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{folder}: no config.json") from None
+        raise FileNotFoundError(f"{folder}: no {name}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
 
