@@ -39,6 +39,7 @@ from stablerep_jax.train_step import (  # noqa: F401
     make_init_fn, make_loss_fn, make_train_step, model_flops_per_step, state_shardings,
     views_per_caption)
 
+
 @dataclasses.dataclass
 class TrainResult:
     step: int                      # the step the run stopped at
