@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -135,6 +136,11 @@ def finish(code: int, grace: float | None = None) -> None:
     after an error), exits at once with os._exit. Otherwise exits normally (atexit hooks run),
     guarded by a watchdog."""
     grace = EXIT_GRACE_SECONDS if grace is None else grace
+    # The job's result is decided and its outputs written: a SIGTERM now (the second of a double
+    # notice, or a process group's after the job's own handler has gone) would turn exit 75 or 0
+    # into 143 during interpreter shutdown, and launchers requeue only on 75.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     deadline = time.monotonic() + grace
     for thread in _live_threads():
         thread.join(max(0.0, deadline - time.monotonic()))

@@ -91,6 +91,25 @@ def test_finished_job_with_a_stuck_thread_still_exits(tmp_path):
     assert "leftover" in output
 
 
+@pytest.mark.parametrize("code", [0, 75])
+def test_a_sigterm_after_the_job_has_ended_keeps_its_exit_code(tmp_path, code):
+    """The second SIGTERM of a double notice, or a process group's, can arrive after the job's
+    own handler has gone, during interpreter shutdown (seconds with JAX and TensorFlow loaded):
+    it used to turn 75 or 0 into death by signal (143 through a shell), which launchers do not
+    requeue (found by benchmarks/fault_injection.py --signals)."""
+    script = _job_script(tmp_path, f"""
+        import atexit, os, signal, time
+        def late_notice():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
+        def main(config):
+            atexit.register(late_notice)
+            return {code}
+    """)
+    returncode, output, _ = _run(script)
+    assert returncode == code, output
+
+
 @pytest.mark.slow
 def test_train_with_a_truncated_shard_exits_nonzero_promptly(tmp_path):
     """Through the real command line: a shard cut short by 200 bytes stops training with a
