@@ -1,10 +1,30 @@
 r"""Fault injection: SIGKILL `generate`, `import_images` and `train` at random points, resume each
 by rerunning the same command, and check that every completed output equals an uninterrupted
-run's.
+run's; or, with --signals, send SIGTERM notices to these jobs and `linear_probe` run through
+launch/run_job.sh and requeue them on exit 75, as the managed jobs are.
 
-  python benchmarks/fault_injection.py --kills 21 --seed 0     # the README's table (>= 20 kills)
+  python benchmarks/fault_injection.py --kills 21 --seed 0     # SIGKILL study (RESULTS.md)
+  python benchmarks/fault_injection.py --signals 12 --seed 0 --gen_captions 8 \
+      --import_captions 300 --train_steps 8 --probe_epochs 12  # SIGTERM study (README table)
   python benchmarks/fault_injection.py --jobs import_images --kills 2 --import_captions 300
                                                        # the smoke run of test_fault_injection.py
+
+--signals N: N notices split over the jobs, of three kinds in turn: `single` (one SIGTERM to the
+job's pid), `double` (a second one 0.2-1.5 s after the first) and `group` (SIGTERM to the whole
+process group, as systemd, containers and some schedulers send it). Each job runs as
+`bash launch/run_job.sh JOB FLAGS...` in its own session (run_job.sh execs the job, so the pid
+is the job's once it has checked its arguments). A notice lands at a seeded random point: half
+uniform over the uninterrupted run's wall time (start-up, compilation, work), half after a
+random number of further progress units as the SIGKILL study picks. The job must exit 75
+(stopped to be resumed: requeued, the same command rerun) or 0 (finished); anything else is a
+failure. Up to --max_kills_per_run notices per output, then the output is rerun until it exits
+0 and compared with the uninterrupted run's (as below; the probe: results.json but its timing,
+every metrics row and the best head's bytes). Reported per job: notices of each kind, runs
+(processes started), exit codes, requeues, units redone (train steps / probe epochs logged past
+the newest finished checkpoint when the job stopped, which its rerun repeats; shards of
+generate / import_images that a rerun wrote again), outputs compared and whether all were equal.
+The probe (cached features) reads a 1-block random ViT (tests/probe_fixtures.py) on 48 + 48
+tinted 40 px images, --probe_epochs epochs, evaluated at every third.
 
 Each job runs through its real command line (`python -m stablerep_jax.<job> ...`) on CPU with
 one device:
@@ -41,6 +61,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -55,7 +76,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, REPO)
 
-JOBS = ("generate", "import_images", "train")
+JOBS = ("generate", "import_images", "train", "linear_probe")
+KILL_JOBS = JOBS[:3]             # the SIGKILL study's default jobs
+SIGNALS = ("single", "double", "group")   # SIGTERM kinds of the --signals study
+EXIT_RESUME = 75                 # stablerep_jax.cli.EXIT_RESUME: stopped to be resumed
+STOP_TIMEOUT_SECONDS = 600       # a signalled job must exit by itself within this
 SHARD_SUFFIX = ".tfrecord"
 TMP_SUFFIX = ".tmp"
 POLL_SECONDS = 0.05
@@ -70,7 +95,13 @@ ENV = {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL
 def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=24, help="SIGKILLs in all, split over the jobs")
-    p.add_argument("--jobs", default=",".join(JOBS), help=f"comma-separated subset of {JOBS}")
+    p.add_argument("--signals", type=int, default=0,
+                   help="instead of SIGKILLs: this many SIGTERM notices in all (single, double "
+                        "and process-group in turn), split over the jobs, each run through "
+                        "launch/run_job.sh and requeued on exit 75")
+    p.add_argument("--jobs", help=f"comma-separated subset of {JOBS} (default: "
+                                  f"{','.join(KILL_JOBS)}; with --signals all four)")
+    p.add_argument("--probe_epochs", type=int, default=12)
     p.add_argument("--seed", type=int, default=0, help="seeds the kill points and the images")
     p.add_argument("--max_kills_per_run", type=int, default=3,
                    help="kills before a run is left to finish and its output is compared")
@@ -80,11 +111,15 @@ def _args(argv=None):
     p.add_argument("--workdir", help="keep everything here (default: a temporary directory)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
+    if args.jobs is None:
+        args.jobs = ",".join(JOBS if args.signals else KILL_JOBS)
     args.jobs = [j for j in args.jobs.split(",") if j]
     unknown = sorted(set(args.jobs) - set(JOBS))
     if unknown or not args.jobs:
         p.error(f"--jobs={','.join(args.jobs)}: choose from {','.join(JOBS)}")
-    if args.kills < len(args.jobs):
+    if args.signals and args.signals < len(args.jobs):
+        p.error(f"--signals={args.signals}: need at least one per job ({len(args.jobs)})")
+    if not args.signals and args.kills < len(args.jobs):
         p.error(f"--kills={args.kills}: need at least one per job ({len(args.jobs)})")
     if args.import_captions < 8 or args.gen_captions < 1 or args.train_steps < 2:
         p.error("need --import_captions >= 8 (a tiny train step), --gen_captions >= 1 and "
@@ -401,6 +436,298 @@ def train_job(train_files: str, steps: int) -> Job:
         train_progress, losses, compare_losses, partial_checkpoints)
 
 
+def probe_progress(workdir: str) -> int:
+    """Epochs logged in a linear_probe workdir (metrics.jsonl, one row per epoch)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        return len({json.loads(line)["step"] for line in f if line.endswith("\n")})
+
+
+def probe_saved(workdir: str) -> int:
+    """The newest epoch saved in probe_checkpoints (orbax's finished step directories)."""
+    steps = [int(n) for n in _names(os.path.join(workdir, "probe_checkpoints")) if n.isdigit()]
+    return max(steps, default=0)
+
+
+def partial_probe_checkpoints(workdir: str) -> int:
+    return sum(not n.isdigit() for n in _names(os.path.join(workdir, "probe_checkpoints")))
+
+
+def probe_contents(workdir: str) -> dict:
+    """results.json without its timing, every metrics row and the best head's arrays."""
+    with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
+        results = {k: v for k, v in json.load(f).items() if k != "seconds"}
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    with np.load(os.path.join(workdir, "best_head.npz")) as head:
+        arrays = {k: head[k].tobytes() for k in head.files}
+    return {"results": results, "metrics": rows, "best_head": arrays}
+
+
+def compare_probe(workdir: str, expected: dict) -> list[str]:
+    if not os.path.exists(os.path.join(workdir, "results.json")):
+        return ["no results.json"]
+    found = probe_contents(workdir)
+    return [f"{key} differs from the uninterrupted run's" for key in expected
+            if found[key] != expected[key]]
+
+
+def probe_job(encoder: str, folder: str, epochs: int) -> Job:
+    return Job("linear_probe", lambda workdir: _python(
+        "linear_probe", "configs/linear_probe.py:folder", f"--config.checkpoint={encoder}",
+        f"--config.dataset=folder:{folder}", "--config.mode=cached_features",
+        f"--config.epochs={epochs}", f"--config.eval_every={max(epochs // 3, 1)}",
+        "--config.batch_size=48", "--config.extract_batch_size=40",
+        "--config.base_lrs=(0.03,0.3,3.0)", f"--workdir={workdir}"),
+        probe_progress, probe_contents, compare_probe, partial_probe_checkpoints)
+
+
+# --------------------------------------------------------------- SIGTERM notices via run_job.sh
+
+def through_run_job(command: list[str]) -> list[str]:
+    """The job's command as the managed jobs run it: bash launch/run_job.sh JOB FLAGS..."""
+    job = command[2].rsplit(".", 1)[1]
+    return ["bash", os.path.join(REPO, "launch", "run_job.sh"), job, *command[3:]]
+
+
+def train_saved(workdir: str) -> int:
+    from stablerep_jax import checkpoint
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return 0
+    return max(checkpoint.finished_steps(workdir), default=0)
+
+
+def shard_files(output: str) -> dict:
+    """Finished shard name -> (inode, mtime): a shard written again gets a new pair."""
+    found = {}
+    for name in _names(output):
+        if name.endswith(SHARD_SUFFIX):
+            st = os.stat(os.path.join(output, name))
+            found[name] = (st.st_ino, st.st_mtime_ns)
+    return found
+
+
+def redone_after_stop(job: Job, output: str) -> int:
+    """Units a rerun repeats after a stop: logged steps/epochs past the newest saved checkpoint
+    (train, linear_probe). Shard jobs count rewritten shards in exercise_signals instead."""
+    if job.name == "train":
+        return max(train_progress(output) - train_saved(output), 0)
+    if job.name == "linear_probe":
+        return max(probe_progress(output) - probe_saved(output), 0)
+    return 0
+
+
+def _is_job(pid: int) -> bool:
+    """Whether run_job.sh has exec'd the job (the signal reaches the job, not the script)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"run_job.sh" not in f.read()
+    except OSError:
+        return False
+
+
+def send_notice(proc: subprocess.Popen, kind: str) -> None:
+    if kind == "group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+
+
+def pick_notice(rng, done: int, total: int, reference: Attempt) -> KillPoint:
+    """Half the notices at a point uniform in the uninterrupted run's wall time (mostly
+    start-up and compilation at these sizes, as on a pod reading gs://), half as pick_kill
+    (uniform over the remaining progress units)."""
+    if rng.uniform() < 0.5:
+        return KillPoint(0, float(rng.uniform(0.0, reference.seconds)))
+    return pick_kill(rng, done, total, reference)
+
+
+@dataclasses.dataclass
+class Notice:
+    kind: str                # single / double / group
+    units_done: int          # progress when the run started
+    units: int               # further units before the notice
+    delay: float
+    exit_code: int = 0
+    reached_job: bool = True  # False: it landed while run_job.sh was still checking the job
+    redone: int = 0
+    at_units: int = 0        # progress when it was sent
+
+
+def run_signalled_attempt(job: Job, output: str, kill: KillPoint | None, kind: str,
+                          log_path: str, rng) -> tuple[Attempt, bool, bool, int]:
+    """Runs the job through run_job.sh in its own process group once; sends the SIGTERM notice
+    at `kill` (a second one 0.2-1.5 s later for `double`) and waits for the job to exit by
+    itself. Returns (attempt, whether a notice was sent, whether the job had been exec'd)."""
+    command = through_run_job(job.command(output))
+    start_units = job.progress(output)
+    reached_at = 0.0 if kill is not None and kill.units == 0 else None
+    first_unit, sent, sent_at, reached_job, at_units = None, False, 0.0, True, 0
+    start = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, **ENV,
+                                                       "PYTHON": sys.executable},
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while proc.poll() is None:
+                now = time.perf_counter() - start
+                done = job.progress(output) - start_units
+                if first_unit is None and done > 0:
+                    first_unit = now
+                if kill is not None and not sent and reached_at is None and done >= kill.units:
+                    reached_at = now
+                if not sent and reached_at is not None and now >= reached_at + kill.delay:
+                    reached_job, at_units = _is_job(proc.pid), job.progress(output)
+                    send_notice(proc, kind)
+                    sent, sent_at = True, now
+                    if kind == "double":
+                        try:
+                            proc.wait(timeout=float(rng.uniform(0.2, 1.5)))
+                        except subprocess.TimeoutExpired:
+                            send_notice(proc, kind)
+                    continue
+                limit = STOP_TIMEOUT_SECONDS if sent else RUN_TIMEOUT_SECONDS
+                if now - (sent_at if sent else 0.0) > limit:
+                    raise RuntimeError(f"{' '.join(command)} ran over {limit} s "
+                                       f"(log: {log_path})")
+                time.sleep(POLL_SECONDS)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return (Attempt(proc.returncode, time.perf_counter() - start, sent, first_unit, log_path,
+                    job.partial(output) if sent else 0), sent, reached_job, at_units)
+
+
+@dataclasses.dataclass
+class SignalResult:
+    job: str
+    notices: dict = dataclasses.field(default_factory=dict)       # kind -> count sent
+    runs: int = 0                                                 # processes started
+    exit_codes: dict = dataclasses.field(default_factory=dict)   # code -> runs
+    requeues: int = 0                                             # exits 75, rerun
+    redone: int = 0                                               # steps/epochs/shards redone
+    outputs_compared: int = 0
+    equal: bool = True                                            # every compared output
+    bad_exits: int = 0                                            # exit codes other than 0, 75
+    seconds: float = 0.0
+    reference_seconds: float = 0.0
+    total_units: int = 0
+    notice_log: list = dataclasses.field(default_factory=list)
+    problems: list = dataclasses.field(default_factory=list)
+
+
+def exercise_signals(job: Job, root: str, notices: int, max_per_run: int, rng,
+                     kind_offset: int = 0) -> SignalResult:
+    """The uninterrupted reference run (through run_job.sh), then outputs made by runs that get
+    SIGTERM notices at random points (single, double, process-group in turn) and are requeued
+    while they exit 75, as a managed job is; a run that exits 0 is finished; any other exit code
+    is a failure. Each completed output is compared with the reference's."""
+    result = SignalResult(job.name)
+    codes = collections.Counter()
+    start = time.perf_counter()
+    ref_out = os.path.join(root, f"{job.name}_sig_reference")
+    reference, _, _, _ = run_signalled_attempt(job, ref_out, None, "single", ref_out + ".log", rng)
+    if reference.returncode != 0:
+        raise RuntimeError(f"{job.name}: the uninterrupted run exited {reference.returncode}:\n"
+                           f"{reference.log_tail()}")
+    result.reference_seconds = reference.seconds
+    expected = job.contents(ref_out)
+    total = result.total_units = job.progress(ref_out)
+    sent_total, run = 0, 0
+    while sent_total < notices:
+        out = os.path.join(root, f"{job.name}_sig_run{run}")
+        budget = min(max_per_run, notices - sent_total)
+        i = 0
+        while True:
+            kill, kind = None, SIGNALS[(kind_offset + sent_total) % len(SIGNALS)]
+            if i < budget and job.progress(out) < total:
+                kill = pick_notice(rng, job.progress(out), total, reference)
+            done, before = job.progress(out), shard_files(out)
+            attempt, sent, reached, at_units = run_signalled_attempt(
+                job, out, kill, kind, f"{out}.attempt{i}.log", rng)
+            result.runs += 1
+            codes[attempt.returncode] += 1
+            after = shard_files(out)
+            rewritten = sum(name in after and after[name] != key for name, key in before.items())
+            result.redone += rewritten
+            if sent:
+                sent_total += 1
+                result.notices[kind] = result.notices.get(kind, 0) + 1
+                notice = Notice(kind, done, kill.units, round(kill.delay, 3), attempt.returncode,
+                                reached, rewritten, at_units)
+                result.notice_log.append(notice)
+            i += 1
+            if attempt.returncode == EXIT_RESUME:
+                result.requeues += 1
+                redo = redone_after_stop(job, out)
+                result.redone += redo
+                if sent:
+                    notice.redone += redo
+                if i > budget + 5:
+                    result.problems.append(f"run {run}: still exiting 75 after {i} attempts")
+                    break
+                continue
+            if attempt.returncode != 0:
+                # Not requeued by a launcher; the study reruns it by hand and goes on.
+                result.bad_exits += 1
+                result.problems.append(f"run {run} attempt {i - 1} exited {attempt.returncode}"
+                                       f"{_where(attempt, sent, reached)}")
+                if i <= budget + 5:
+                    continue
+            break
+        result.outputs_compared += 1
+        differ = job.compare(out, expected)
+        result.equal &= not differ
+        result.problems += [f"run {run}: {p}" for p in differ]
+        run += 1
+    result.exit_codes = {str(k): v for k, v in sorted(codes.items())}
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _where(attempt: Attempt, sent: bool, reached: bool) -> str:
+    if not sent:
+        return f" without a notice:\n{attempt.log_tail()}"
+    if not reached:
+        return " (the notice reached run_job.sh before it exec'd the job: bash died of it)"
+    with open(attempt.log_path, encoding="utf-8", errors="replace") as f:
+        logged = any(re.search(r"\.py:\d+\] ", line) for line in f)   # an absl line of the job
+    if not logged:
+        return (" (nothing logged yet: the notice landed while Python imported the job's "
+                "modules, before its SIGTERM handler was installed)")
+    return f":\n{attempt.log_tail()}"
+
+
+UNIT_NAMES = {"generate": "shards", "import_images": "shards", "train": "steps",
+              "linear_probe": "epochs"}
+
+
+def print_signal_table(results: list[SignalResult], seed: int, seconds: float) -> None:
+    print(f"fault injection (SIGTERM through launch/run_job.sh): seed {seed}, "
+          f"{sum(sum(r.notices.values()) for r in results)} notices in all, "
+          f"{seconds / 60:.1f} min")
+    print("| job | notices (single/double/group) | runs | exit codes (runs) | requeues | "
+          "redone | completed outputs compared | outputs equal | wall time (of which the "
+          "uninterrupted run) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        kinds = "/".join(str(r.notices.get(k, 0)) for k in SIGNALS)
+        codes = ", ".join(f"{c}: {n}" for c, n in r.exit_codes.items())
+        print(f"| {r.job} | {kinds} | {r.runs} | {codes} | {r.requeues} | {r.redone} "
+              f"{UNIT_NAMES[r.job]} | {r.outputs_compared} | {'yes' if r.equal else 'no'} | "
+              f"{r.seconds:.0f} s ({r.reference_seconds:.0f} s) |")
+    for r in results:
+        if r.notice_log:
+            sent = [(n.kind, f"{n.at_units}/{r.total_units}", n.exit_code) for n in r.notice_log]
+            print(f"{r.job} notices (kind, units done when sent / of {UNIT_NAMES[r.job]} in all, "
+                  f"exit code): {sent}")
+        for problem in r.problems:
+            print(f"{r.job}: {problem}")
+
+
 def split_kills(total: int, jobs: list[str]) -> dict:
     base, extra = divmod(total, len(jobs))
     return {job: base + (i < extra) for i, job in enumerate(jobs)}
@@ -444,9 +771,27 @@ def main(argv=None) -> int:
     imported = os.path.join(root, "import_images_reference")
     jobs["train"] = train_job(os.path.join(imported, "*" + SHARD_SUFFIX), args.train_steps)
 
+    if "linear_probe" in args.jobs:
+        import probe_fixtures
+        jobs["linear_probe"] = probe_job(
+            probe_fixtures.save_tiny_encoder(os.path.join(root, "encoder")),
+            probe_fixtures.write_tinted_folder(os.path.join(root, "tinted"), 8, 8),
+            args.probe_epochs)
+
     results = []
     started = time.perf_counter()
-    for name in JOBS:
+    if args.signals:
+        notices = split_kills(args.signals, args.jobs)
+        for offset, name in enumerate(n for n in JOBS if n in args.jobs):
+            if name == "train" and shard_progress(imported) == 0:
+                made = run_attempt(jobs["import_images"], imported, None, imported + ".log")
+                if made.returncode != 0:
+                    raise RuntimeError(f"import_images exited {made.returncode}:\n"
+                                       f"{made.log_tail()}")
+            results.append(exercise_signals(jobs[name], root, notices[name],
+                                            args.max_kills_per_run, rng, offset))
+        print_signal_table(results, args.seed, time.perf_counter() - started)
+    for name in JOBS if not args.signals else ():
         if name not in args.jobs:
             continue
         if name == "train" and shard_progress(imported) == 0:
@@ -454,14 +799,15 @@ def main(argv=None) -> int:
             if made.returncode != 0:
                 raise RuntimeError(f"import_images exited {made.returncode}:\n{made.log_tail()}")
         results.append(exercise(jobs[name], root, kills[name], args.max_kills_per_run, rng))
-    print_table(results, args.seed, time.perf_counter() - started)
+    if not args.signals:
+        print_table(results, args.seed, time.perf_counter() - started)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"seed": args.seed, "args": vars(args),
                        "results": [dataclasses.asdict(r) for r in results]}, f, indent=2)
     if not args.workdir:
         shutil.rmtree(root, ignore_errors=True)
-    return 0 if all(r.equal for r in results) else 1
+    return 0 if all(r.equal and not getattr(r, "bad_exits", 0) for r in results) else 1
 
 
 if __name__ == "__main__":
