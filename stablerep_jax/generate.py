@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 # transformers (the CLIP tokenizer) loads PyTorch when it is installed; PyTorch's triton crashes
 # when its bundled LLVM loads after TensorFlow's, so the sampler is imported before records (TF).
 from stablerep_jax.generation import sampler as sampler_lib  # noqa: I001  isort: skip
+from stablerep_jax.generation.sd import model as sd_model  # noqa: I001  isort: skip
 
 import jax
 import numpy as np
@@ -450,7 +451,7 @@ def _run(config, sampler, process_index, process_count, watch) -> dict:
     captions = captions_lib.read_captions(config.captions, config.caption_column)
     if config.max_captions:
         captions = dataclasses.replace(captions, texts=captions.texts[:config.max_captions])
-    sampler_lib.check_model(config.model)
+    sd_model.check_model(config.model)
     output_dir = config.output_dir
     settings = settings_of(config, captions)
     settings_path = os.path.join(output_dir, SETTINGS_NAME)

@@ -44,9 +44,8 @@ from stablerep_jax.models import attention as attention_lib
 
 AXIS = "devices"
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
-SCHEDULERS = ("ddim", "pndm", "dpm-solver")
+SCHEDULERS = schedulers.NAMES
 MAX_SEED = 2**31 - 1
-check_model = sd_model.check_model
 
 
 @dataclasses.dataclass(frozen=True)
