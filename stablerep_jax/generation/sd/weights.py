@@ -76,18 +76,12 @@ def _nest(flat: Mapping[tuple[str, ...], object]) -> dict:
 
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params: Mapping, *,
                          where: str, dtype=np.float32, prefix: str = "",
-                         ignore: Iterable[str] = (), renames: Mapping[str, str] | None = None
-                         ) -> dict:
+                         ignore: Iterable[str] = ()) -> dict:
     """Fills the tree of `abstract_params` (shapes, e.g. from `jax.eval_shape(module.init)`)
-    from a PyTorch state dict. `prefix` is prepended to every PyTorch key; `renames` maps
-    alternative key spellings (old checkpoints) to ours; keys matching a regex in `ignore` may be
-    left unused. Errors name `where` (the file) and the key."""
-    renames = dict(renames or {})
-    available = {}
-    for key, value in state_dict.items():
-        for old, new in renames.items():
-            key = key.replace(old, new)
-        available[key] = value
+    from a PyTorch state dict. `prefix` is prepended to every PyTorch key; keys matching a regex
+    in `ignore` may be left unused (old key spellings are the caller's to rename first, as
+    vae.py does by path segment). Errors name `where` (the file) and the key."""
+    available = dict(state_dict)
     used, missing, params = set(), [], {}
     for path, leaf in _flat(abstract_params).items():
         key, transform = torch_key(path)
