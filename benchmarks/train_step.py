@@ -227,7 +227,7 @@ def bench_torch(config, batch):
     import timm
     import torch
 
-    from stablerep_jax import torch_reference
+    from stablerep_jax.testing import torch_reference
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(os.cpu_count())

@@ -16,7 +16,7 @@ from stablerep_jax.models.encoder import StableRepModel, build_model
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
-from stablerep_jax import torch_reference as tref  # noqa: E402  (needs torch)
+from stablerep_jax.testing import torch_reference as tref  # noqa: E402  (needs torch)
 
 pytestmark = pytest.mark.torch
 

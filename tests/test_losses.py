@@ -9,7 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from stablerep_jax import losses
 
 torch = pytest.importorskip("torch")
-from stablerep_jax import torch_reference as tref  # noqa: E402  (needs torch)
+from stablerep_jax.testing import torch_reference as tref  # noqa: E402  (needs torch)
 
 
 def _view_major_labels(n_captions, n_views):

@@ -17,7 +17,7 @@ from stablerep_jax.models.vit import VIT_VARIANTS, VisionTransformer, timm_key_m
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
-from stablerep_jax import torch_reference as tref  # noqa: E402  (needs torch)
+from stablerep_jax.testing import torch_reference as tref  # noqa: E402  (needs torch)
 
 pytestmark = pytest.mark.torch
 
