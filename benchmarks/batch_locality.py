@@ -1,11 +1,11 @@
-r"""Batch composition and input rate: the shard layout and pipeline before shard_plan vs now.
+r"""Batch composition and input rate: the shard layout and pipeline before permuted shards vs now.
 
   python benchmarks/batch_locality.py                       # 3000 captions, 2 rounds
   python benchmarks/batch_locality.py --captions 6000 --rounds 3 --baseline_commit HEAD~5
 
 Captions are in file order (caption i is the i-th line, as when a captions file is grouped by
 content). The same records are written twice with `import_images.plan_shards`' assignment:
-"before" puts runs of consecutive captions into each shard (the layout before data/shard_plan.py,
+"before" puts runs of consecutive captions into each shard (the layout before data/caption_order.py,
 read by the pipeline of --baseline_commit, checked out with `git archive` and run in a
 subprocess), "now" puts a seeded global permutation into the shards (read by this tree). For
 each, one subprocess streams batches with the same settings and reports
@@ -36,7 +36,7 @@ import numpy as np
 from input_pipeline import make_jpegs  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASELINE_COMMIT = "7f0549a"      # the last commit before shard_plan / the steps-per-epoch fix
+BASELINE_COMMIT = "7f0549a"      # the last commit before permuted shards / the steps-per-epoch fix
 BOUND = 1.3
 
 
@@ -95,7 +95,7 @@ def worker(args) -> None:
 def write_layouts(args, workdir: str) -> dict[str, str]:
     """{"before": glob, "now": glob}: the same records in file-order and permuted shards."""
     from stablerep_jax import import_images
-    from stablerep_jax.data import layouts, records, shard_plan
+    from stablerep_jax.data import caption_order, layouts, records
     k, n, per = args.images_per_caption, args.captions, args.captions_per_shard
     jpegs = make_jpegs(64, args.stored_size)
     groups = [layouts.CaptionGroup(caption=f"caption {i}", caption_id=i, paths=())
@@ -111,7 +111,7 @@ def write_layouts(args, workdir: str) -> dict[str, str]:
     globs = {}
     for layout, plan, meta in (("before", file_order, {}),
                                ("now", import_images.plan_shards(groups, per),
-                                {shard_plan.ORDER_KEY: shard_plan.order_info()})):
+                                {caption_order.ORDER_KEY: caption_order.order_info()})):
         directory = os.path.join(workdir, layout)
         os.makedirs(directory)
         shards = {}

@@ -6,7 +6,7 @@ r"""Captions file -> K Stable Diffusion images per caption -> sharded TFRecords 
 Output directory: a local path or any tf.io.gfile URL (gs://BUCKET/DIR: every host of a pod
 writes its shards straight to the bucket; see `fileio.py`):
   train-SSSSS-of-NNNNN.tfrecord  shard S holds P = captions_per_shard captions drawn by a fixed
-                                 seeded permutation (`data/shard_plan.py`), so every shard is a
+                                 seeded permutation (`data/caption_order.py`), so every shard is a
                                  random sample whatever the captions file's order; one record
                                  per caption, caption_id = its index in the file (`data/records.py`)
   settings.json                  what decides the images; a rerun with other settings stops
@@ -57,7 +57,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from stablerep_jax import cli, contact_sheet, fileio, parallel, preemption
-from stablerep_jax.data import records, shard_plan
+from stablerep_jax.data import caption_order, records
 from stablerep_jax.generation import captions as captions_lib
 
 IMAGE_FORMATS = records.IMAGE_FORMATS
@@ -69,7 +69,7 @@ SHARD_PREFIX = "train"
 @dataclasses.dataclass(frozen=True)
 class Shard:
     """One output file and the ids of the captions it holds, in writing order
-    (`data/shard_plan.py`)."""
+    (`data/caption_order.py`)."""
     index: int
     name: str
     caption_ids: np.ndarray = dataclasses.field(compare=False, repr=False)
@@ -89,8 +89,8 @@ class Shard:
 
 def plan_shards(num_captions: int, captions_per_shard: int) -> list[Shard]:
     """Every shard of the output, the same on every host and every rerun: shard S holds a
-    seeded random sample of the captions (`shard_plan.caption_order`), not a run of them."""
-    slices = shard_plan.shard_slices(num_captions, captions_per_shard)
+    seeded random sample of the captions (`caption_order.caption_order`), not a run of them."""
+    slices = caption_order.shard_slices(num_captions, captions_per_shard)
     count = len(slices)
     return [Shard(i, f"{SHARD_PREFIX}-{i:05d}-of-{count:05d}{records.SHARD_SUFFIX}", ids)
             for i, ids in enumerate(slices)]
@@ -133,7 +133,7 @@ def settings_of(config, captions: captions_lib.Captions) -> dict:
         "save_size": config.save_size, "image_format": config.image_format,
         "jpeg_quality": config.jpeg_quality if config.image_format == "jpeg" else None,
         "captions_per_shard": config.captions_per_shard,
-        shard_plan.ORDER_KEY: shard_plan.order_info(),
+        caption_order.ORDER_KEY: caption_order.order_info(),
     }
 
 
@@ -376,7 +376,7 @@ def write_manifest(output_dir: str, shards: Sequence[Shard], config, settings: d
         output_dir, finished, images_per_caption=k, complete=missing == 0,
         missing_shards=missing, total_captions=settings["num_captions"],
         num_caption_ids=settings["num_captions"],
-        **{shard_plan.ORDER_KEY: settings[shard_plan.ORDER_KEY]},
+        **{caption_order.ORDER_KEY: settings[caption_order.ORDER_KEY]},
         image_format=config.image_format, save_size=config.save_size or config.resolution,
         settings=settings)
     if missing:

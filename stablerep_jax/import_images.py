@@ -51,7 +51,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from stablerep_jax import cli, fileio, parallel, preemption
-from stablerep_jax.data import layouts, records, shard_plan
+from stablerep_jax.data import caption_order, layouts, records
 
 IMAGE_FORMATS = ("keep", *records.IMAGE_FORMATS)
 ON_MISSING = ("error", "skip_caption")
@@ -203,8 +203,8 @@ def plan_shards(groups: Sequence[layouts.CaptionGroup],
                 captions_per_shard: int) -> list[tuple[str, list[layouts.CaptionGroup]]]:
     """(shard file name, its caption groups) for every shard of the output, the same on every
     host and every rerun: each shard holds a seeded random sample of the groups
-    (`shard_plan.caption_order`), so no shard is a run of neighbouring CSV rows."""
-    slices = shard_plan.shard_slices(len(groups), captions_per_shard)
+    (`caption_order.caption_order`), so no shard is a run of neighbouring CSV rows."""
+    slices = caption_order.shard_slices(len(groups), captions_per_shard)
     return [(f"train-{index:05d}-of-{len(slices):05d}.tfrecord",
              [groups[i] for i in ids.tolist()]) for index, ids in enumerate(slices)]
 
@@ -238,7 +238,7 @@ def settings_of(config, groups: Sequence[layouts.CaptionGroup], seeds: Sequence[
         "image_format": config.image_format, "save_size": config.save_size,
         "jpeg_quality": config.jpeg_quality if reencodes_jpeg else None,
         "max_image_pixels": config.max_image_pixels,
-        shard_plan.ORDER_KEY: shard_plan.order_info(),
+        caption_order.ORDER_KEY: caption_order.order_info(),
     }
 
 
@@ -381,7 +381,7 @@ def write_outputs(config, plan, settings: dict, k_max: int) -> dict:
         image_format=config.image_format, save_size=config.save_size,
         skipped_images=len(skipped), num_caption_ids=settings["num_captions"],
         complete=missing_shards == 0, missing_shards=missing_shards, settings=settings,
-        **{shard_plan.ORDER_KEY: shard_plan.order_info()})
+        **{caption_order.ORDER_KEY: caption_order.order_info()})
 
 
 def _check_output_dir(output_dir: str, settings_existed: bool, finished: set[str]) -> None:

@@ -2,7 +2,7 @@
 -> make_train_iterator. A batch must look like a sample of a global random permutation: the
 fraction of same-batch caption pairs lying within N/100 of each other in the captions file stays
 within 1.3x of a permutation's (~2%), whatever the file order. Shards written in file order (the
-layout before shard_plan) fail that bound, so the measurement can tell the two apart."""
+layout before data/caption_order.py) fail that bound, so the measurement can tell the two apart."""
 import csv
 import io
 import os
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from stablerep_jax import config_utils, generate, import_images
-from stablerep_jax.data import locality, pipeline, records, shard_plan
+from stablerep_jax.data import caption_order, locality, pipeline, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOUND = 1.3
@@ -56,7 +56,8 @@ def _ratio(batches, num_captions):
 
 
 def _write_in_file_order(directory, captions_per_shard):
-    """The same records, rewritten as the layout before shard_plan: shard S = a run of ids."""
+    """The same records, rewritten in the layout before data/caption_order.py: shard S = a run
+    of ids."""
     recs = sorted((r for name in sorted(os.listdir(directory)) if name.endswith(".tfrecord")
                    for r in records.read_records(os.path.join(directory, name))),
                   key=lambda r: r.caption_id)
@@ -80,7 +81,7 @@ def test_import_images_in_file_order_gives_permutation_like_batches(tmp_path):
     config_utils.apply_overrides(config, {"csv": csv_path, "roots": roots, "output_dir": out,
                                           "captions_per_shard": per_shard, "num_workers": 2})
     manifest = import_images.run(config)
-    assert shard_plan.is_permuted(manifest) and manifest["num_captions"] == n
+    assert caption_order.is_permuted(manifest) and manifest["num_captions"] == n
     ours = _ratio(_epoch_labels(os.path.join(out, "*.tfrecord"), 40), n)
     assert ours < BOUND, f"near-pair ratio {ours:.2f} vs a global permutation"
     before = _ratio(_epoch_labels(_write_in_file_order(out, per_shard), 40), n)
@@ -103,7 +104,7 @@ def test_generate_in_file_order_gives_permutation_like_batches(tmp_path):
         "contact_sheet_captions": 0})
     generate.run(config)
     manifest = records.read_manifest(out)
-    assert shard_plan.is_permuted(manifest) and manifest["num_captions"] == n
+    assert caption_order.is_permuted(manifest) and manifest["num_captions"] == n
     ours = _ratio(_epoch_labels(os.path.join(out, "*.tfrecord"), 20, epochs=4), n)
     assert ours < BOUND, f"near-pair ratio {ours:.2f} vs a global permutation"
     before = _ratio(_epoch_labels(_write_in_file_order(out, 10), 20, epochs=4), n)

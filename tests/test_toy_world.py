@@ -10,7 +10,7 @@ import tensorflow as tf
 from PIL import Image
 
 from stablerep_jax import config_utils, fileio
-from stablerep_jax.data import eval_data, pipeline, records, shard_plan
+from stablerep_jax.data import caption_order, eval_data, pipeline, records
 from stablerep_jax.generation import toy_world as T
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,8 +134,8 @@ def test_toy_dataset_records_follow_the_schema(tmp_path):
 
     recs = [r for f in files for r in records.read_records(os.path.join(out, f))]
     # Shards hold generate's seeded permutation of the captions, not runs of them.
-    assert [r.caption_id for r in recs] == np.concatenate(shard_plan.shard_slices(5, 2)).tolist()
-    assert shard_plan.is_permuted(manifest)
+    assert [r.caption_id for r in recs] == np.concatenate(caption_order.shard_slices(5, 2)).tolist()
+    assert caption_order.is_permuted(manifest)
     recs.sort(key=lambda r: r.caption_id)
     assert [r.caption for r in recs] == [s.text for s in T.sample_captions(5, 11)]
     with open(os.path.join(out, T.CAPTIONS_NAME), encoding="utf-8") as f:

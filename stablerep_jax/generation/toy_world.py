@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from stablerep_jax import fileio
-from stablerep_jax.data import records, shard_plan
+from stablerep_jax.data import caption_order, records
 
 COUNT_WORDS = ("one", "two", "three")
 SIZES = ("small", "large")
@@ -313,7 +313,7 @@ def write_toy_dataset(output_dir: str, num_captions: int, images_per_caption: in
                       image_format: str = "png", stream: str = "synthetic") -> dict:
     """Renders `images_per_caption` images of `num_captions` sampled captions into TFRecord
     shards (the `records` schema, seeds recorded), `captions.txt` and `manifest.json`. Shard S
-    holds the captions `shard_plan` assigns it (a seeded permutation, as generate writes).
+    holds the captions `caption_order` assigns it (a seeded permutation, as generate writes).
     `stream` picks the image seeds (`STREAMS`): "real" renders other pictures of the same
     captions (the sample depends only on `seed` and `num_captions`).
 
@@ -331,14 +331,14 @@ def write_toy_dataset(output_dir: str, num_captions: int, images_per_caption: in
                 "num_captions": num_captions, "images_per_caption": images_per_caption,
                 "image_size": image_size, "seed": seed, "captions_per_shard": captions_per_shard,
                 "image_format": image_format, "stream": stream,
-                shard_plan.ORDER_KEY: shard_plan.order_info()}
+                caption_order.ORDER_KEY: caption_order.order_info()}
     fileio.makedirs(output_dir)
     path = os.path.join(output_dir, SETTINGS_NAME)
     if not records.check_same_settings(path, settings):
         fileio.write_json_atomic(path, settings)
     fileio.write_text_atomic(os.path.join(output_dir, CAPTIONS_NAME), "".join(s.text + "\n" for s in specs))
 
-    slices = shard_plan.shard_slices(num_captions, captions_per_shard)
+    slices = caption_order.shard_slices(num_captions, captions_per_shard)
     shards, rendered, seconds = {}, 0, 0.0
     with tqdm(total=num_captions * images_per_caption, desc="toy images", unit="img") as bar:
         for index, ids in enumerate(slices):
@@ -360,7 +360,7 @@ def write_toy_dataset(output_dir: str, num_captions: int, images_per_caption: in
         output_dir, shards, images_per_caption=images_per_caption, complete=True,
         total_captions=num_captions, num_caption_ids=num_captions, image_format=image_format,
         save_size=image_size, settings=settings,
-        **{shard_plan.ORDER_KEY: shard_plan.order_info()})
+        **{caption_order.ORDER_KEY: caption_order.order_info()})
     logging.info("toy dataset: %d captions x %d images in %s", num_captions, images_per_caption,
                  output_dir)
     return manifest
