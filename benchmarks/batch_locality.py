@@ -4,7 +4,7 @@ r"""Batch composition and input rate: the shard layout and pipeline before permu
   python benchmarks/batch_locality.py --captions 6000 --rounds 3 --baseline_commit HEAD~5
 
 Captions are in file order (caption i is the i-th line, as when a captions file is grouped by
-content). The same records are written twice with `import_images.plan_shards`' assignment:
+content). The same records are written twice with `import_images.shards_to_import`' assignment:
 "before" puts runs of consecutive captions into each shard (the layout before data/caption_order.py,
 read by the pipeline of --baseline_commit, checked out with `git archive` and run in a
 subprocess), "now" puts a seeded global permutation into the shards (read by this tree). For
@@ -110,7 +110,7 @@ def write_layouts(args, workdir: str) -> dict[str, str]:
                   for s, start in enumerate(range(0, n, per))]
     globs = {}
     for layout, plan, meta in (("before", file_order, {}),
-                               ("now", import_images.plan_shards(groups, per),
+                               ("now", import_images.shards_to_import(groups, per),
                                 {caption_order.ORDER_KEY: caption_order.order_info()})):
         directory = os.path.join(workdir, layout)
         os.makedirs(directory)

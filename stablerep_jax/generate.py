@@ -87,9 +87,10 @@ class Shard:
         return self._positions[caption_id]
 
 
-def plan_shards(num_captions: int, captions_per_shard: int) -> list[Shard]:
-    """Every shard of the output, the same on every host and every rerun: shard S holds a
-    seeded random sample of the captions (`caption_order.caption_order`), not a run of them."""
+def shards_to_generate(num_captions: int, captions_per_shard: int) -> list[Shard]:
+    """Every shard of the output (all hosts', finished or not), the same on every host and every
+    rerun: shard S holds a seeded random sample of the captions (`caption_order.caption_order`),
+    not a run of them."""
     slices = caption_order.shard_slices(num_captions, captions_per_shard)
     count = len(slices)
     return [Shard(i, f"{SHARD_PREFIX}-{i:05d}-of-{count:05d}{records.SHARD_SUFFIX}", ids)
@@ -458,7 +459,7 @@ def _run(config, sampler, process_index, process_count, watch) -> dict:
     settings_written = records.check_same_settings(settings_path, settings)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    shards = plan_shards(len(captions), config.captions_per_shard)
+    shards = shards_to_generate(len(captions), config.captions_per_shard)
     mine = host_shards(shards, process_index, process_count)
     todo = [s for s in mine if not is_finished(output_dir, s)]
     if config.stop_after_shards:

@@ -199,11 +199,11 @@ def _seeds(config, k: int) -> list[int]:
     return seeds
 
 
-def plan_shards(groups: Sequence[layouts.CaptionGroup],
-                captions_per_shard: int) -> list[tuple[str, list[layouts.CaptionGroup]]]:
-    """(shard file name, its caption groups) for every shard of the output, the same on every
-    host and every rerun: each shard holds a seeded random sample of the groups
-    (`caption_order.caption_order`), so no shard is a run of neighbouring CSV rows."""
+def shards_to_import(groups: Sequence[layouts.CaptionGroup],
+                     captions_per_shard: int) -> list[tuple[str, list[layouts.CaptionGroup]]]:
+    """(shard file name, its caption groups) for every shard of the output (all hosts', finished
+    or not), the same on every host and every rerun: each shard holds a seeded random sample of
+    the groups (`caption_order.caption_order`), so no shard is a run of neighbouring CSV rows."""
     slices = caption_order.shard_slices(len(groups), captions_per_shard)
     return [(f"train-{index:05d}-of-{len(slices):05d}.tfrecord",
              [groups[i] for i in ids.tolist()]) for index, ids in enumerate(slices)]
@@ -409,7 +409,7 @@ def _prepare(config, process_index: int, process_count: int) -> dict:
     finished = _finished_shards(output_dir) if fileio.exists(output_dir) else set()
     _check_output_dir(output_dir, settings_existed, finished)
     _check_shard_infos(output_dir, finished)
-    plan = plan_shards(groups, config.captions_per_shard)
+    plan = shards_to_import(groups, config.captions_per_shard)
     mine = plan[process_index::process_count]
     todo = [(name, chunk) for name, chunk in mine if name not in finished]
     logging.info("importing %d captions (up to %d images each) into %d shards in %s; process "

@@ -409,7 +409,7 @@ def test_a_failing_host_stops_every_host(tmp_path):
 
     from processes import run_processes
     csv_path, roots = _reference_layout(str(tmp_path / "src"))
-    plan = import_images.plan_shards(layouts.read_reference_layout(csv_path, roots), 2)
+    plan = import_images.shards_to_import(layouts.read_reference_layout(csv_path, roots), 2)
     gone = plan[1][1][0].paths[2]                              # shard 1 belongs to host 1
     os.remove(gone)
     out = str(tmp_path / "out")
