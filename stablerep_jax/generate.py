@@ -456,7 +456,7 @@ def _run(config, sampler, process_index, process_count, watch) -> dict:
     output_dir = config.output_dir
     settings = settings_of(config, captions)
     settings_path = os.path.join(output_dir, SETTINGS_NAME)
-    settings_written = records.check_same_settings(settings_path, settings)
+    settings_written = records.check_rerun_settings(settings_path, settings)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     shards = shards_to_generate(len(captions), config.captions_per_shard)

@@ -404,7 +404,7 @@ def _prepare(config, process_index: int, process_count: int) -> dict:
     seeds = _seeds(config, k_max)
     output_dir = config.output_dir
     settings = settings_of(config, groups, seeds)
-    settings_existed = records.check_same_settings(
+    settings_existed = records.check_rerun_settings(
         os.path.join(output_dir, SETTINGS_NAME), settings)
     finished = _finished_shards(output_dir) if fileio.exists(output_dir) else set()
     _check_output_dir(output_dir, settings_existed, finished)

@@ -139,9 +139,10 @@ def read_manifest(directory: str) -> dict | None:
         return None
 
 
-def check_same_settings(path: str, settings: dict) -> bool:
-    """Stops a rerun into an output directory whose settings file (`path`) records other
-    settings, naming each changed key; returns whether the file existed."""
+def check_rerun_settings(path: str, settings: dict) -> bool:
+    """Whether this is a rerun: True when an output directory's settings file (`path`) exists.
+    Raises, naming each changed key, when it records other settings than `settings`. Writing
+    the file is left to the caller."""
     try:
         previous = fileio.read_json(path)
     except FileNotFoundError:

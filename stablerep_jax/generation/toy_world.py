@@ -334,7 +334,7 @@ def write_toy_dataset(output_dir: str, num_captions: int, images_per_caption: in
                 caption_order.ORDER_KEY: caption_order.order_info()}
     fileio.makedirs(output_dir)
     path = os.path.join(output_dir, SETTINGS_NAME)
-    if not records.check_same_settings(path, settings):
+    if not records.check_rerun_settings(path, settings):
         fileio.write_json_atomic(path, settings)
     fileio.write_text_atomic(os.path.join(output_dir, CAPTIONS_NAME), "".join(s.text + "\n" for s in specs))
 
@@ -523,7 +523,7 @@ def _probe_settings(root: str, settings_path: str, settings: dict) -> dict | Non
                               "remove it or choose another root")
     previous = fileio.read_json(settings_path)
     progress = {k: previous[k] for k in ("complete", "captions") if k in previous}
-    records.check_same_settings(settings_path, {**settings, **progress})
+    records.check_rerun_settings(settings_path, {**settings, **progress})
     return previous
 
 
