@@ -26,7 +26,7 @@ setup(
         "safetensors>=0.4",
         "huggingface_hub",
         "pillow",
-        "matplotlib>=3.7",      # figures (report.py), drawn on the Agg canvas
+        "matplotlib>=3.7",      # figures (demo/report.py), drawn on the Agg canvas
         "tqdm",
     ],
     extras_require={

@@ -30,7 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from stablerep_jax import config_utils, demo, fileio  # noqa: E402
+from stablerep_jax import config_utils, fileio  # noqa: E402
+from stablerep_jax.demo import comparison  # noqa: E402
 
 TARGET = "StableRep (synthetic)"
 BASELINES = ("SimCLR (synthetic)", "SimCLR (real)")
@@ -88,32 +89,32 @@ class Seed:
         self.config = demo_config(args, seed)
         self.root = os.path.join(args.workdir, f"seed{seed}")
         data_dir = os.path.join(self.root, "data")
-        self.globs = demo.make_data(self.config, data_dir)
-        self.images = demo.probe_set(self.config, data_dir)
+        self.globs = comparison.make_data(self.config, data_dir)
+        self.images = comparison.probe_set(self.config, data_dir)
         self.mesh = mesh
 
     def _probe(self, name: str, checkpoint_dir: str) -> dict:
         path = os.path.join(self.root, "probe", f"{name}.json")
         if fileio.exists(path):
             return fileio.read_json(path)
-        row = demo.method_row(demo.probe_encoder(self.config, checkpoint_dir, self.images,
-                                                 self.mesh), self.config.probe.base_lrs,
-                              self.config.mean_over)
+        results = comparison.probe_encoder(self.config, checkpoint_dir, self.images, self.mesh)
+        row = comparison.method_row(results, self.config.probe.base_lrs, self.config.mean_over)
         fileio.write_json_atomic(path, row)
         return row
 
     def method(self, slug: str, blr: float) -> dict:
-        """Trains (or reuses) one method at one base lr and probes it: demo.method_row, or a
-        row that records the divergence when training stopped on a non-finite state."""
+        """Trains (or reuses) one method at one base lr and probes it: comparison.method_row, or
+        a row that records the divergence when training stopped on a non-finite state."""
         name = f"{slug}_blr{blr:g}"
-        cfg = demo.run_config(self.config, slug, self.globs)
+        cfg = comparison.run_config(self.config, slug, self.globs)
         cfg.optim.blr = blr
         directory = os.path.join(self.root, name)
         diverged = os.path.join(self.root, "probe", f"{name}.diverged.json")
         if fileio.exists(diverged):
             return fileio.read_json(diverged)
         try:
-            demo.train_run(cfg, f"{demo.RUNS[slug][0]} at base lr {blr:g}", directory, directory)
+            comparison.train_run(cfg, f"{comparison.RUNS[slug][0]} at base lr {blr:g}",
+                                 directory, directory)
         except FloatingPointError as e:       # the train job's guard: nothing non-finite saved
             row = {"diverged": str(e), "mean": float("nan"), "mean_all": float("nan")}
             fileio.write_json_atomic(diverged, row)
@@ -121,9 +122,10 @@ class Seed:
         return self._probe(name, directory)
 
     def random(self) -> dict:
-        cfg = demo.run_config(self.config, "stablerep", self.globs)
-        directory = demo.random_checkpoint(cfg, os.path.join(self.root, demo.RANDOM[0]))
-        return self._probe(demo.RANDOM[0], directory)
+        cfg = comparison.run_config(self.config, "stablerep", self.globs)
+        directory = comparison.random_checkpoint(
+            cfg, os.path.join(self.root, comparison.RANDOM[0]))
+        return self._probe(comparison.RANDOM[0], directory)
 
 
 def run_study(args) -> dict:
@@ -136,8 +138,8 @@ def run_study(args) -> dict:
     seeds = list(tune) + [s for s in args.seeds if s not in tune]
     for seed in seeds:
         stage = Seed(args, seed, mesh)
-        for slug in demo._runs(stage.config):
-            name = demo.RUNS[slug][0]
+        for slug in comparison._runs(stage.config):
+            name = comparison.RUNS[slug][0]
             if seed in tune:
                 blrs = args.blrs
             else:                       # the best on the tuning seeds
@@ -145,7 +147,7 @@ def run_study(args) -> dict:
             for blr in blrs:
                 print(f"== seed {seed}: {name}, training base lr {blr:g}", flush=True)
                 rows.setdefault(name, {}).setdefault(seed, {})[blr] = stage.method(slug, blr)
-        rows.setdefault(demo.RANDOM[1], {})[seed] = {None: stage.random()}
+        rows.setdefault(comparison.RANDOM[1], {})[seed] = {None: stage.random()}
     return rows
 
 
@@ -162,7 +164,7 @@ def analyse(rows: dict, args, mean_over) -> dict:
     tune = args.tune_seeds if args.tune_seeds else args.seeds
     table = {}
     for name, per_seed in rows.items():
-        random_init = name == demo.RANDOM[1]
+        random_init = name == comparison.RANDOM[1]
         best = None if random_init else best_blr(per_seed, tune, args.blrs)
         chosen = [per_seed[s][best] for s in args.seeds]
         attributes = list(chosen[0]["top1"])

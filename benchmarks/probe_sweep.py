@@ -54,7 +54,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from stablerep_jax import checkpoint, config_utils, linear_probe, parallel  # noqa: E402
-from stablerep_jax.generation import toy_world  # noqa: E402
+from stablerep_jax.demo import toy_world  # noqa: E402
 from stablerep_jax.models.encoder import build_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,8 +2,8 @@ r"""StableRep's finding in miniature on a laptop CPU: generate -> train three wa
 
   python -m stablerep_jax.demo --workdir=/tmp/stablerep_demo
 
-A toy text-to-image world (`generation/toy_world.py`) stands in for the photos and for Stable
-Diffusion. Captions such as "two small red triangles on a striped background" describe an
+A toy text-to-image world (`stablerep_jax/demo/toy_world.py`) stands in for the photos and for
+Stable Diffusion. Captions such as "two small red triangles on a striped background" describe an
 object's count, size, colour and shape and the background pattern; every render draws what the
 caption does not say (placement, rotation, size jitter, pattern geometry and colours, clutter,
 shadows, lighting, noise) afresh. From one caption set the demo makes two data sets, as the paper

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import sys
 
 # Every `python -m stablerep_jax.<job>` entry point (tests check each resolves and that no
@@ -33,8 +34,11 @@ def _job_flag_calls(job: str) -> list[ast.Call]:
     """The job module's calls of `define_job_flags`, read from its source with `ast`, without
     importing the job."""
     spec = importlib.util.find_spec(check_job(job))
-    with open(spec.origin, encoding="utf-8") as f:
-        tree = ast.parse(f.read(), spec.origin)
+    path = spec.origin
+    if spec.submodule_search_locations is not None:     # a package (the demo): its __main__
+        path = os.path.join(os.path.dirname(path), "__main__.py")
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
     calls = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):

@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from stablerep_jax import checkpoint, config_utils
-from stablerep_jax.generation import toy_world as T
+from stablerep_jax.demo import toy_world as T
 from stablerep_jax.models.encoder import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

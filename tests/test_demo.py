@@ -9,7 +9,9 @@ import sys
 import pytest
 from PIL import Image
 
-from stablerep_jax import cli, config_utils, demo
+from stablerep_jax import cli, config_utils
+from stablerep_jax.data import records
+from stablerep_jax.demo import comparison, toy_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "configs", "demo.py")
@@ -38,7 +40,7 @@ def test_train_and_probe_configs_are_the_jobs_own():
             == train_keys)
     assert set(c.probe.to_dict()) == probe_keys
     assert c.probe.mode == "cached_features"
-    job = demo.train_config(c, "train", "/data/*.tfrecord")
+    job = comparison.train_config(c, "train", "/data/*.tfrecord")
     assert job.data.train_files == "/data/*.tfrecord" and job.total_steps == 300
 
 
@@ -47,8 +49,8 @@ def test_simclr_follows_train_except_its_views_and_its_own_overrides():
     config_utils.apply_overrides(c, {"train.model.depth": 3, "train.total_steps": 50,
                                      "train.data.n_img": 3, "simclr.optim.blr": 5e-3,
                                      "seed": 7})
-    simclr = demo.train_config(c, "simclr", "g")
-    stablerep = demo.train_config(c, "train", "g")
+    simclr = comparison.train_config(c, "simclr", "g")
+    stablerep = comparison.train_config(c, "train", "g")
     assert simclr.model.depth == stablerep.model.depth == 3
     assert simclr.total_steps == simclr.checkpoint_every == 50
     assert simclr.optim.warmup_steps == stablerep.optim.warmup_steps == 5
@@ -57,12 +59,12 @@ def test_simclr_follows_train_except_its_views_and_its_own_overrides():
     assert simclr.optim.blr == 5e-3 and stablerep.optim.blr == 1.5e-3
     assert simclr.seed == stablerep.seed == c.probe.seed == c.sd.seed == 7
     # SimCLR on the real set follows SimCLR (views, batch, train's fields) but keeps its own lr.
-    real = demo.train_config(c, "simclr_real", "g")
+    real = comparison.train_config(c, "simclr_real", "g")
     assert (real.data.n_img, real.data.num_crop, real.batch_size) == (1, 2, simclr.batch_size)
     assert real.model.depth == 3 and real.seed == 7
     assert real.optim.blr == 1.35e-2
     config_utils.apply_overrides(c, {"simclr.data.num_crop": 4, "simclr_real.optim.blr": 0.1})
-    real = demo.train_config(c, "simclr_real", "g")
+    real = comparison.train_config(c, "simclr_real", "g")
     assert real.data.num_crop == 4 and real.optim.blr == 0.1
 
 
@@ -70,39 +72,39 @@ def test_each_run_trains_at_its_own_tuned_lr():
     """The default runs use each method's best lr of the study's grid, not StableRep's."""
     c = _config("default")
     globs = {"synthetic": "s/*", "real": "r/*"}
-    blrs = {slug: demo.run_config(c, slug, globs).optim.blr for slug in demo.RUNS}
+    blrs = {slug: comparison.run_config(c, slug, globs).optim.blr for slug in comparison.RUNS}
     assert blrs == {"stablerep": 1.5e-3, "simclr_synthetic": 4.5e-3, "simclr_real": 1.35e-2}
-    assert demo.run_config(c, "simclr_real", globs).data.train_files == "r/*"
+    assert comparison.run_config(c, "simclr_real", globs).data.train_files == "r/*"
 
 
 def test_fields_the_demo_sets_must_stay_unset():
     c = _config()
     c.train.data.train_files = "/elsewhere/*.tfrecord"
     with pytest.raises(ValueError, match=r"--config.train.data.train_files='/elsewhere"):
-        demo.train_config(c, "train", "g")
+        comparison.train_config(c, "train", "g")
     c = _config()
     c.probe.checkpoint = "/ckpt"
     with pytest.raises(ValueError, match="--config.probe.checkpoint='/ckpt'"):
-        demo.probe_encoder(c, "/x", {}, mesh=None)
+        comparison.probe_encoder(c, "/x", {}, mesh=None)
     c = _config()
     c.probe.mode = "augmented"
     with pytest.raises(ValueError, match="--config.probe.mode='augmented'.*cached_features"):
-        demo.probe_encoder(c, "/x", {}, mesh=None)
+        comparison.probe_encoder(c, "/x", {}, mesh=None)
     c = _config()
     c.baselines = ("simclr_real", "clip")
     with pytest.raises(ValueError, match=r"--config.baselines: unknown run\(s\) \['clip'\]"):
-        demo.run(c, "/never/written")
+        comparison.run(c, "/never/written")
 
 
 def test_a_best_probe_lr_at_an_end_of_the_grid_is_flagged():
     results = {"shape": {"best_top1": 0.5, "best_lr": 0.001},
                "color": {"best_top1": 0.7, "best_lr": 0.3},
                "count": {"best_top1": 0.6, "best_lr": 100.0}}
-    row = demo.method_row(results, (0.001, 0.3, 100.0), ("shape", "color"))
+    row = comparison.method_row(results, (0.001, 0.3, 100.0), ("shape", "color"))
     assert row["mean"] == pytest.approx(0.6) and row["mean_all"] == pytest.approx(0.6)
-    assert demo.method_row(results, (0.001, 100.0), ("count",))["mean"] == 0.6
+    assert comparison.method_row(results, (0.001, 100.0), ("count",))["mean"] == 0.6
     with pytest.raises(ValueError, match=r"mean_over names \['size'\]"):
-        demo.method_row(results, (0.001, 100.0), ("size",))
+        comparison.method_row(results, (0.001, 100.0), ("size",))
     assert row["best_lr_at_grid_end"] == ["shape", "count"]
     assert row["top1"] == {"shape": 0.5, "color": 0.7, "count": 0.6}
 
@@ -118,14 +120,14 @@ def test_sd_generator_runs_generate_with_the_demo_fields(tmp_path, monkeypatch):
     config_utils.apply_overrides(c, {"generator": "sd", "model": "/models/sd", "seed": 4,
                                      "images_per_caption": 3, "sd.num_inference_steps": 7})
     c.num_captions = 12
-    globs = demo.make_data(c, str(tmp_path))
+    globs = comparison.make_data(c, str(tmp_path))
     (gen,) = seen
     assert (gen.model, gen.images_per_caption, gen.save_size, gen.seed) == ("/models/sd", 3, 40, 4)
     assert gen.num_inference_steps == 7 and gen.output_dir == str(tmp_path / "synthetic")
     with open(gen.captions, encoding="utf-8") as f:
-        assert f.read().splitlines() == [s.text for s in demo.toy_world.sample_captions(12, 4)]
+        assert f.read().splitlines() == [s.text for s in toy_world.sample_captions(12, 4)]
     # The "real" set stays the toy renderer's: one image of each of the same captions.
-    real = demo.records.read_manifest(str(tmp_path / "real"))
+    real = records.read_manifest(str(tmp_path / "real"))
     assert real["images_per_caption"] == 1 and real["num_captions"] == 12
     assert globs["real"] == str(tmp_path / "real" / "*.tfrecord")
 
@@ -160,7 +162,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     checkpoint paths; the demo once failed there)."""
     config = _config()
     monkeypatch.chdir(tmp_path)
-    summary = demo.run(config, "stablerep_demo")
+    summary = comparison.run(config, "stablerep_demo")
     out = tmp_path / "stablerep_demo"
     saved = json.loads((out / "demo_results.json").read_text())
     assert saved == json.loads(json.dumps(summary))
@@ -177,7 +179,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
         assert sorted(probes) == sorted(attributes) == sorted(row["top1"])
         for attribute, result in probes.items():
             assert result["best_top1"] == row["top1"][attribute], (name, attribute)
-            assert result["num_classes"] == len(demo.toy_world.ATTRIBUTE_VALUES[attribute])
+            assert result["num_classes"] == len(toy_world.ATTRIBUTE_VALUES[attribute])
             assert result["num_test"] == config.probe_test_images
         assert row["mean_all"] == pytest.approx(sum(row["top1"].values()) / len(attributes))
         assert row["mean"] == pytest.approx(
@@ -193,7 +195,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert saved["mean_over"] == ["shape", "color", "count", "size"]
 
     # The data: the same captions, K synthetic images each and one real image each.
-    manifests = {name: demo.records.read_manifest(str(out / "data" / name))
+    manifests = {name: records.read_manifest(str(out / "data" / name))
                  for name in ("synthetic", "real")}
     assert manifests["synthetic"]["images_per_caption"] == config.images_per_caption
     assert manifests["real"]["images_per_caption"] == 1
@@ -220,7 +222,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
         assert len(losses) == config.train.total_steps // config.train.log_every
         assert sum(losses[-3:]) < sum(losses[:3])
     # A rerun reuses data and checkpoints (train resumes at its final step: no new steps).
-    again = demo.run(config, "stablerep_demo")
+    again = comparison.run(config, "stablerep_demo")
     assert again["methods"] == summary["methods"]
     assert len(json.loads((out / "data" / "synthetic" / "summary.json").read_text())["runs"]) == 1
 
@@ -284,7 +286,7 @@ def test_demo_writes_every_output_to_a_url_workdir(tmp_path, monkeypatch, ram_di
     config.probe.epochs = 2
     config.checkpoint_dir = str(tmp_path / "checkpoints")
     monkeypatch.chdir(tmp_path)
-    summary = demo.run(config, ram_dir)
+    summary = comparison.run(config, ram_dir)
 
     saved = fileio.read_json(f"{ram_dir}/demo_results.json")
     assert saved == json.loads(json.dumps(summary))

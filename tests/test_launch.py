@@ -112,14 +112,22 @@ def test_shellcheck_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _entry_source(job: str) -> str:
+    """The source `python -m stablerep_jax.<job>` runs: the module, or a package's __main__."""
+    module = REPO / "stablerep_jax" / f"{job}.py"
+    return (module if module.exists() else REPO / "stablerep_jax" / job / "__main__.py").read_text()
+
+
 def _job_modules() -> set[str]:
-    """Modules of the package whose `__main__` block calls `cli.run`: the jobs, found anew."""
+    """Modules of the package (and subpackages' `__main__`) whose `__main__` block calls
+    `cli.run`: the jobs, found anew."""
     found = set()
-    for path in (REPO / "stablerep_jax").glob("*.py"):
+    package = REPO / "stablerep_jax"
+    for path in [*package.glob("*.py"), *package.glob("*/__main__.py")]:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and node.func.attr == "run" and getattr(node.func.value, "id", None) == "cli"):
-                found.add(path.stem)
+                found.add(path.parent.name if path.name == "__main__.py" else path.stem)
     return found
 
 
@@ -131,7 +139,7 @@ def test_job_list_is_the_package_s():
 
 def test_jobs_that_take_the_coordinator_flags():
     """Every job that calls cli.define_job_flags takes them, knn and linear_probe included."""
-    flagged = {j for j in jobs.JOBS if "define_job_flags(" in (REPO / f"stablerep_jax/{j}.py").read_text()}
+    flagged = {j for j in jobs.JOBS if "define_job_flags(" in _entry_source(j)}
     assert {"generate", "import_images", "train", "linear_probe", "knn"} <= flagged
     assert {j for j in jobs.JOBS if jobs.takes_cluster_flags(j)} == flagged
 

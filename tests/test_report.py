@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from stablerep_jax import report
+from stablerep_jax.demo import report
 
 NICE_MANTISSAS = (1.0, 2.0, 2.5, 5.0)
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from stablerep_jax import config_utils, fileio
 from stablerep_jax.data import caption_order, eval_data, pipeline, records
-from stablerep_jax.generation import toy_world as T
+from stablerep_jax.demo import toy_world as T
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -322,7 +322,7 @@ def test_toy_data_on_a_url_is_read_back_by_train(tmp_path):
 
 def test_toy_dataset_records_its_render_rate_like_generate(tmp_path):
     """summary.json in generate's shape (a `runs` list), one run per call that rendered."""
-    from stablerep_jax import report
+    from stablerep_jax.demo import report
 
     out = str(tmp_path / "data")
     T.write_toy_dataset(out, num_captions=3, images_per_caption=2, image_size=16, seed=0,

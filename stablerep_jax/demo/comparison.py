@@ -1,7 +1,5 @@
 r"""StableRep's comparison in miniature on a CPU: data -> train three ways -> linear probes.
-
-  python -m stablerep_jax.demo --workdir=/tmp/stablerep_demo [--config.generator=sd --config.model=SD]
-  python -m stablerep_jax.demo --workdir=DIR --config.train.model.depth=6 --config.probe.epochs=50
+`run(config, workdir)` is the whole demo; `python -m stablerep_jax.demo` (`__main__.py`) calls it.
 
 The config (configs/demo.py, which explains the design) holds the configs of the jobs it runs:
 `train` (StableRep), `simclr`, `simclr_real`, `probe` and `sd`; this module only fills in what comes from
@@ -19,22 +17,24 @@ import os
 import time
 
 import jax
-from absl import flags, logging
+from absl import logging
 
 import numpy as np
 
-from stablerep_jax import checkpoint, cli, features, fileio, linear_probe, parallel, train
+from stablerep_jax import checkpoint, features, fileio, linear_probe, parallel, train
 from stablerep_jax.contact_sheet import save_contact_sheet
-from stablerep_jax.data import eval_data, records, shards
-from stablerep_jax.generation import toy_world
+from stablerep_jax.data import eval_data, records
+from stablerep_jax.demo import toy_world
+from stablerep_jax.demo.report import (markdown_table, plot_curves, plot_probe_attributes,
+                                       plot_throughput)
 from stablerep_jax.metrics import read_metrics
 from stablerep_jax.models.encoder import build_model
-from stablerep_jax.report import markdown_table, plot_curves, plot_probe_attributes, plot_throughput
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS_DIR = os.path.join(REPO, "configs")
 
 
-def _config_file(name: str) -> str:
+def config_file(name: str) -> str:
     path = os.path.join(CONFIGS_DIR, name)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: the demo reads the repository's configs/; "
@@ -99,11 +99,17 @@ def _job_config(config, name: str, set_by_demo: tuple[str, ...]):
     return job
 
 
+def _shard_files(glob: str) -> list[str]:
+    """The finished shards of one of `make_data`'s sets, as its manifest lists them."""
+    directory = os.path.dirname(glob)
+    return [os.path.join(directory, name) for name in records.read_manifest(directory)["shards"]]
+
+
 def samples_sheet(globs: dict[str, str], workdir: str, rows: int = 6) -> str:
     """Real vs synthetic images of the same captions: a row per caption, the real image first."""
-    synthetic = records.read_records(shards.matching_files(globs["synthetic"])[0], limit=rows)
+    synthetic = records.read_records(_shard_files(globs["synthetic"])[0], limit=rows)
     wanted = {r.caption_id for r in synthetic}
-    real = {r.caption_id: r.images[0] for path in shards.matching_files(globs["real"])
+    real = {r.caption_id: r.images[0] for path in _shard_files(globs["real"])
             for r in records.read_records(path) if r.caption_id in wanted}
     path = os.path.join(workdir, "contact_sheet.png")
     save_contact_sheet(path, [(f"{r.caption} (real | {len(r.images)} synthetic)",
@@ -372,18 +378,3 @@ def _print_table(summary) -> None:
               + f" {m['mean']:8.1%} {m['mean_all']:8.1%}")
     print(f"  (mean: over {', '.join(summary['mean_over'])})")
     print(f"done in {summary['seconds']} s; see report.md and demo_results.json")
-
-
-def main(config) -> int:
-    """Exit code 0 when the demo ran to the end, `cli.EXIT_RESUME` when SIGTERM stopped it."""
-    try:
-        run(config, flags.FLAGS.workdir)
-    except Preempted as e:
-        logging.warning("%s", e)
-        return cli.EXIT_RESUME
-    return cli.EXIT_OK
-
-
-if __name__ == "__main__":
-    flags.DEFINE_string("workdir", "stablerep_demo", "where the demo writes everything")
-    cli.run(main, default_config=_config_file("demo.py"))

@@ -1,5 +1,5 @@
-"""Pictures and pages for people: the figures jobs write (loss curves, linear-probe accuracy per
-learning rate, generation throughput) and markdown tables for the demo's report.
+"""The demo report's figures (loss curves, linear-probe accuracy per learning rate, generation
+throughput) and markdown tables.
 
 Figures are drawn with matplotlib on a `Figure` rendered by the Agg canvas: no pyplot, so no
 global figure state and no display backend to choose. Each plot has a `*_figure` function that
