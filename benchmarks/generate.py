@@ -118,7 +118,7 @@ def compare_layouts(model, args, resolution) -> None:
             sampler = sampler_lib.make_sampler(model, settings,
                                                devices=jax.local_devices()[:devices],
                                                per_device_batch=batch)
-            ids, _ = sampler.tokenize(texts)
+            ids, _ = sampler.prompt_ids(texts)
             images.append(_sample_all(sampler, ids, seeds, cids).astype(int))
         for (devices, batch), other in zip(layouts[1:], images[1:]):
             diff = np.abs(other - images[0])
@@ -136,7 +136,7 @@ def _flax(model, args, resolution, batch=None):
     compile_s = sampler.compile()
     n = sampler.batch_size
     texts = [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]
-    ids, _ = sampler.tokenize(texts)
+    ids, _ = sampler.prompt_ids(texts)
     seeds = [k % 2 for k in range(n)]
     cids = [i // 2 for i in range(n)]
     images = sampler.sample(ids, seeds, cids)          # warm-up (first run allocations)

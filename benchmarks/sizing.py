@@ -103,7 +103,7 @@ def measure_generation(args, device) -> dict:
         sampler = sampler_lib.make_sampler(model, settings, devices=[device],
                                            per_device_batch=args.gen_batch)
     compile_s = sampler.compile()
-    ids, _ = sampler.tokenize([CAPTION] * args.gen_batch)
+    ids, _ = sampler.prompt_ids([CAPTION] * args.gen_batch)
     seeds, cids = list(range(args.gen_batch)), [0] * args.gen_batch
     for _ in range(args.gen_warmup):
         sampler.sample(ids, seeds, cids)

@@ -338,7 +338,7 @@ def generate_shards(sampler: sampler_lib.Sampler, shards: Sequence[Shard], confi
                 break
             for shard in dict.fromkeys(s for s, _, _ in batch):   # a batch may span shards
                 if shard.index not in tokens:
-                    ids, truncated = sampler.tokenize(
+                    ids, truncated = sampler.prompt_ids(
                         [captions.texts[c] for c in shard.caption_ids.tolist()])
                     tokens[shard.index] = ids
                     stats["truncated_captions"] += int(truncated.sum())

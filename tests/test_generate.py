@@ -126,7 +126,7 @@ def test_every_caption_gets_k_distinct_decodable_images_of_the_saved_size(
 
 
 def test_padding_a_batch_changes_no_image(model, sampler8):
-    ids, _ = sampler8.tokenize(["a red cat", "a tree", "two boats"] * 3)
+    ids, _ = sampler8.prompt_ids(["a red cat", "a tree", "two boats"] * 3)
     seeds, cids = list(range(8)), [5, 6, 7, 8, 9, 10, 11, 12]
     full = sampler8.sample(ids[:8], seeds, cids)
     part = sampler8.sample(ids[:3], seeds[:3], cids[:3])     # 5 padded rows
@@ -169,7 +169,7 @@ def test_bfloat16_images_depend_on_the_batch_shape_within_the_stated_bound(model
     """Two bfloat16 compilations (~40 s on 2 cores): 8 devices x 1 image vs 1 device x 4."""
     wide = bf16_wide
     deep = _sampler(model, jax.local_devices()[:1], 4, dtype="bfloat16")
-    ids, _ = wide.tokenize(["a red cat", "a blue dog on grass", "a tree", "two boats"] * 2)
+    ids, _ = wide.prompt_ids(["a red cat", "a blue dog on grass", "a tree", "two boats"] * 2)
     seeds, cids = [0] * 4 + [1] * 4, [0, 1, 2, 3] * 2
     one_call = wide.sample(ids, seeds, cids)
     two_calls = np.concatenate([deep.sample(ids[:4], seeds[:4], cids[:4]),
@@ -503,7 +503,7 @@ def test_a_rerun_with_other_settings_stops_and_names_them(model, captions_file, 
 @pytest.mark.parametrize("scheduler", ["pndm", "dpm-solver"])
 def test_other_schedulers_sample_distinct_finite_images(model, scheduler):
     sampler = _sampler(model, jax.local_devices()[:2], 1, scheduler=scheduler)
-    ids, _ = sampler.tokenize(["a red cat", "a red cat"])
+    ids, _ = sampler.prompt_ids(["a red cat", "a red cat"])
     images = sampler.sample(ids, [0, 1], [0, 0])
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
     assert np.abs(images[0].astype(int) - images[1]).mean() > 10
@@ -606,7 +606,7 @@ def test_table_captions_use_the_named_column_and_count_blanks(tmp_path):
 
 def test_tokens_match_the_pipeline_and_long_captions_are_truncated(model, sampler8):
     texts = ["a red cat", LONG, ""]
-    ids, truncated = captions_lib.tokenize(sampler8.tokenizer, texts)
+    ids, truncated = captions_lib.sd_prompt_ids(sampler8.tokenizer, texts)
     # diffusers' pipeline: pad to max_length, truncate (the end token is the last one kept).
     theirs = sampler8.tokenizer(texts, padding="max_length", truncation=True,
                                 max_length=sampler8.max_length, return_tensors="np").input_ids
@@ -651,7 +651,7 @@ def test_sampler_matches_the_diffusers_pytorch_pipeline(model, sampler8):
     diffusers' PyTorch StableDiffusionPipeline (the reference's generator) computes: float32
     within 1 level of 255 (measured: identical)."""
     texts, seeds, cids = PARITY
-    ids, _ = sampler8.tokenize(texts)
+    ids, _ = sampler8.prompt_ids(texts)
     ours = sampler8.sample(ids, seeds, cids)
     theirs = _pytorch_images(model, sampler8.settings, texts,
                              sampler8.initial_latents(seeds, cids))
@@ -664,7 +664,7 @@ def test_bfloat16_sampler_stays_near_the_float32_pytorch_pipeline(model, bf16_wi
     """bfloat16 params and compute (the default) against PyTorch in float32: measured max 3,
     mean 0.38 levels on this model; the bound leaves room for other CPUs' rounding."""
     texts, seeds, cids = PARITY
-    ids, _ = bf16_wide.tokenize(texts)
+    ids, _ = bf16_wide.prompt_ids(texts)
     ours = bf16_wide.sample(ids, seeds, cids)
     theirs = _pytorch_images(model, bf16_wide.settings, texts,
                              bf16_wide.initial_latents(seeds, cids))
@@ -683,7 +683,7 @@ def test_sd2_layout_and_bin_weights_match_the_pytorch_pipeline(tmp_path, size, s
     assert all(f.endswith(".safetensors" if serialization else ".bin") for f in weights)
     sampler = _sampler(model, jax.local_devices()[:1], 3)
     texts, seeds, cids = PARITY
-    ids, _ = sampler.tokenize(texts)
+    ids, _ = sampler.prompt_ids(texts)
     ours = sampler.sample(ids, seeds, cids)
     theirs = _pytorch_images(model, sampler.settings, texts, sampler.initial_latents(seeds, cids))
     diff = np.abs(ours.astype(int) - theirs)
@@ -698,7 +698,7 @@ def test_sd15_shaped_model_matches_the_pytorch_pipeline(tmp_path):
     model = write_tiny_sd(str(tmp_path / "sd15"), size="sd15")
     sampler = _sampler(model, jax.local_devices()[:1], 1, resolution=64, num_inference_steps=2)
     texts, seeds, cids = ["a red cat"], [0], [0]
-    ids, _ = sampler.tokenize(texts)
+    ids, _ = sampler.prompt_ids(texts)
     ours = sampler.sample(ids, seeds, cids)
     theirs = _pytorch_images(model, sampler.settings, texts, sampler.initial_latents(seeds, cids))
     diff = np.abs(ours.astype(int) - theirs)

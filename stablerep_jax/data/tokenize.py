@@ -1,7 +1,9 @@
-"""Caption tokens for StableRep++: a CLIP BPE tokenizer loaded from a directory (e.g. a Stable
-Diffusion model's `tokenizer/`), producing what the reference's `clip.tokenize(text,
-truncate=True)` produces: start token, BPE tokens, end token, truncated to the context length
-with the end token kept last, zero-padded."""
+"""Caption tokens from a CLIP BPE tokenizer: start token, BPE tokens, end token, truncated to a
+fixed length with the end token kept last (`token_ids`). The two users differ only in length and
+padding: StableRep++'s text tower takes what the reference's `clip.tokenize(text,
+truncate=True)` produces, 77 ids zero-padded (`clip_token_ids`); Stable Diffusion's text encoder
+takes the tokenizer's `model_max_length` ids padded with its pad token
+(`generation.captions.sd_prompt_ids`)."""
 from __future__ import annotations
 
 import os
@@ -24,13 +26,27 @@ def load_tokenizer(directory: str):
                          f"(vocab.json + merges.txt): {e}") from e
 
 
-def tokenize(tokenizer, captions: Sequence, context_length: int = CONTEXT_LENGTH) -> np.ndarray:
-    """int32 [len(captions), context_length]; bytes captions are decoded as UTF-8."""
-    texts = [c.decode("utf-8", errors="replace") if isinstance(c, (bytes, np.bytes_)) else str(c)
-             for c in captions]
-    ids = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=context_length,
-                    padding=False)["input_ids"]
-    out = np.zeros((len(texts), context_length), np.int32)
-    for row, seq in enumerate(ids):
-        out[row, :len(seq)] = seq
-    return out
+def token_ids(tokenizer, texts: Sequence, length: int,
+              pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """int32 [N, length] ids (start token, BPE tokens, end token, then `pad_id`), and a bool [N]
+    mask of the texts longer than `length` that lost their tail (the end token stays last).
+    Bytes are decoded as UTF-8."""
+    texts = [t.decode("utf-8", errors="replace") if isinstance(t, (bytes, np.bytes_)) else str(t)
+             for t in texts]
+    full = tokenizer(texts, add_special_tokens=True, truncation=False, padding=False,
+                     verbose=False)["input_ids"]
+    ids = np.full((len(full), length), pad_id, np.int32)
+    truncated = np.zeros(len(full), bool)
+    for row, seq in enumerate(full):
+        if len(seq) > length:    # keep the start token and the first tokens, end token last
+            seq = list(seq[:length - 1]) + [seq[-1]]
+            truncated[row] = True
+        ids[row, :len(seq)] = seq
+    return ids, truncated
+
+
+def clip_token_ids(tokenizer, captions: Sequence,
+                   context_length: int = CONTEXT_LENGTH) -> np.ndarray:
+    """The text tower's input, int32 [len(captions), context_length], zero-padded as the
+    reference's `clip.tokenize(truncate=True)`."""
+    return token_ids(tokenizer, captions, context_length, pad_id=0)[0]

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from stablerep_jax import fileio
+from stablerep_jax.data import tokenize
 
 TEXT_SUFFIXES = (".txt",)
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
@@ -157,18 +158,9 @@ def read_captions(path: str, caption_column: str = "caption") -> Captions:
     return Captions(path=path, texts=kept, blank_skipped=len(blank_rows), blank_rows=blank_rows)
 
 
-def tokenize(tokenizer, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids int32 [N, max_length] as the SD pipeline feeds its text encoder (start token,
-    BPE tokens, end token, padded with the pad token), and a bool [N] mask of the captions that
-    were longer than `tokenizer.model_max_length` and lost their tail."""
-    length = int(tokenizer.model_max_length)
-    full = tokenizer(list(texts), add_special_tokens=True, truncation=False,
-                     padding=False, verbose=False)["input_ids"]
-    ids = np.full((len(full), length), tokenizer.pad_token_id, np.int32)
-    truncated = np.zeros(len(full), bool)
-    for row, seq in enumerate(full):
-        if len(seq) > length:    # keep the start token and the first tokens, end token last
-            seq = list(seq[:length - 1]) + [seq[-1]]
-            truncated[row] = True
-        ids[row, :len(seq)] = seq
-    return ids, truncated
+def sd_prompt_ids(tokenizer, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt ids int32 [N, model_max_length] as the SD pipeline feeds its text encoder (start
+    token, BPE tokens, end token, padded with the tokenizer's pad token), and a bool [N] mask of
+    the captions that were longer than `tokenizer.model_max_length` and lost their tail."""
+    return tokenize.token_ids(tokenizer, texts, int(tokenizer.model_max_length),
+                              tokenizer.pad_token_id)

@@ -180,7 +180,7 @@ class Sampler:
         self._replicated = NamedSharding(self.mesh, P())
         self._sharded = NamedSharding(self.mesh, P(AXIS))
         self.params = jax.device_put(sd.params, self._replicated)
-        uncond_ids, _ = captions_lib.tokenize(self.tokenizer, [settings.negative_prompt])
+        uncond_ids, _ = self.prompt_ids([settings.negative_prompt])
         self._uncond_ids = jax.device_put(uncond_ids[0], self._replicated)
         program = jax.shard_map(
             _device_program(sd, settings, self.latent_shape), mesh=self.mesh,
@@ -218,8 +218,9 @@ class Sampler:
                   "generated_code_size_in_bytes")
         return {f: int(getattr(stats, f, 0) or 0) for f in fields} if stats else {}
 
-    def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        return captions_lib.tokenize(self.tokenizer, texts)
+    def prompt_ids(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`captions.sd_prompt_ids` with this model's tokenizer: (ids, truncated mask)."""
+        return captions_lib.sd_prompt_ids(self.tokenizer, texts)
 
     def dispatch(self, prompt_ids: np.ndarray, seeds: Sequence[int],
                  caption_ids: Sequence[int]) -> tuple[jax.Array, int]:
