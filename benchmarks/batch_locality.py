@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--stored_size", type=int, default=96)
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--batch", type=int, default=60, help="captions per batch")
-    p.add_argument("--shuffle_buffer", type=int, default=64)
+    p.add_argument("--permute_window", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="tf.data threads")
     p.add_argument("--seconds", type=float, default=15.0, help="timed seconds per run")
     p.add_argument("--rounds", type=int, default=2)
@@ -72,7 +72,7 @@ def worker(args) -> None:
     data = config.data
     data.train_files = train_files
     data.n_img, data.num_crop, data.image_size = 2, 1, args.crop
-    data.image_dtype, data.shuffle_buffer = "float32", args.shuffle_buffer
+    data.image_dtype, data.permute_window = "float32", args.permute_window
     it = pipeline.make_train_iterator(data, batch_size=args.batch, seed=0,
                                       num_threads=args.threads)
     labels = [next(it)["labels"] for _ in range(3)]        # warm-up: graphs, buffers
@@ -137,7 +137,7 @@ def run_worker(args, tree: str, train_files: str, out_json: str) -> dict:
     env = dict(os.environ, PYTHONPATH=tree, BENCH_TREE=tree, CUDA_VISIBLE_DEVICES="")
     argv = [sys.executable, os.path.abspath(__file__), "--worker", train_files, out_json,
             "--crop", str(args.crop), "--batch", str(args.batch), "--threads", str(args.threads),
-            "--shuffle_buffer", str(args.shuffle_buffer), "--seconds", str(args.seconds)]
+            "--permute_window", str(args.permute_window), "--seconds", str(args.seconds)]
     subprocess.run(argv, check=True, env=env, cwd=tree, stdout=subprocess.DEVNULL)
     with open(out_json) as f:
         return json.load(f)
@@ -162,7 +162,7 @@ def main():
     expected = locality.permutation_fraction(args.captions)
     print(f"\n{args.captions} captions in file order, {args.captions_per_shard} per shard, "
           f"K={args.images_per_caption} JPEGs {args.stored_size}px -> {args.crop}px, batch "
-          f"{args.batch} captions x 2 images, shuffle window {args.shuffle_buffer}, tf.data "
+          f"{args.batch} captions x 2 images, permutation window {args.permute_window}, tf.data "
           f"threads {args.threads}, {os.cpu_count()} cores visible, {args.rounds} rounds of "
           f"{args.seconds:.0f} s; baseline {args.baseline_commit}")
     print(f"global permutation: {100 * expected:.2f}% of same-batch pairs within "

@@ -113,7 +113,7 @@ def data_config(files: str, args, k: int = 2):
     data = config.data
     data.train_files = files
     data.n_img, data.num_crop, data.image_size = k, 1, args.crop
-    data.aug, data.image_dtype, data.shuffle_buffer = args.recipe, "float32", 64
+    data.aug, data.image_dtype, data.permute_window = args.recipe, "float32", 64
     return data
 
 

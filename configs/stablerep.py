@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.downsample = False      # the optional downsample augmentation
     c.data.downsample_prob = 0.05
     c.data.down_res = (64, 128)
-    c.data.shuffle_buffer = 10_000
+    c.data.permute_window = 10_000  # records permuted together (a window, not a shuffle buffer)
     c.data.max_bad_fraction = 0.01  # drop undecodable records, fail above this fraction
     c.data.tokenizer = config_dict.placeholder(str)  # CLIP tokenizer dir (StableRep++)
     c.data.image_dtype = "bfloat16"
@@ -173,7 +173,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         c.log_every = 1
         c.data.n_img = 2
         c.model.image_size = 32
-        c.data.shuffle_buffer = 64
+        c.data.permute_window = 64
         c.data.image_dtype = "float32"
         c.model.variant = "tiny"
         c.model.depth = 2

@@ -13,7 +13,6 @@ older checkpoints beyond the new count); any other key may be allowed explicitly
 from __future__ import annotations
 
 import json
-import os
 from typing import Iterable, Sequence
 
 from absl import logging
@@ -34,18 +33,6 @@ META_PROCESS_COUNT = "process_count"
 
 class ResumeMismatch(ValueError):
     """The run in the workdir was started with other settings than this one."""
-
-
-def data_fingerprint(train_files: str) -> list[list]:
-    """[[file name, records], ...] of every shard the glob matches, sorted by name.
-
-    Counts come from the shards' manifest.json (a shard no manifest lists is counted by reading
-    it, as the input pipeline does). Names without their directory: data moved elsewhere with
-    the same shards is the same data."""
-    from stablerep_jax.data import shards   # reads TFRecords: TensorFlow only when called
-    files = shards.matching_files(train_files)
-    counts = shards.count_records(files)
-    return [[os.path.basename(f), int(n)] for f, n in zip(files, counts)]
 
 
 def run_identity(config_json: str, fingerprint: list, process_count: int) -> dict:

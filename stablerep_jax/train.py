@@ -23,12 +23,12 @@ import math
 import time
 
 import jax
-import numpy as np
 from absl import flags, logging
 from tqdm import tqdm
 
 from stablerep_jax import checkpoint, cli, flops, lease, parallel, resume, xla_flags
-from stablerep_jax.data import pipeline, shards
+from stablerep_jax.data import pipeline
+from stablerep_jax.data.train_set import TrainSet
 from stablerep_jax.metrics import MetricWriter
 from stablerep_jax.preemption import PreemptedAtStartup, PreemptionWatch  # noqa: F401
 from stablerep_jax.models.encoder import build_model  # noqa: F401  (this module's API)
@@ -52,49 +52,28 @@ class TrainResult:
 # Sizes and checks
 
 
-def _manifest_counts(config) -> list[int]:
-    """Records of every shard of data.train_files (sorted glob), from their manifest.json."""
-    files = shards.matching_files(config.data.train_files)
-    try:
-        return shards.count_records(files, unlisted="error")
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}; set --config.data.num_captions (captions in the data) so "
-                                "epochs can be turned into steps, or set total_steps and "
-                                "optim.warmup_steps") from e
-
-
-def count_captions(config) -> int:
-    """Captions in the training data: `data.num_captions`, else the shards' manifest.json."""
+def epoch_steps(config, dataset: TrainSet | None, process_count: int) -> int:
+    """Steps per epoch, the number the input pipeline streams: `data.num_captions //
+    batch_size` when that is set, else the data set's (one host: captions // batch_size, the
+    reference's drop_last). `dataset` may be None only when data.num_captions is set."""
     if config.data.num_captions > 0:
-        return int(config.data.num_captions)
-    return sum(_manifest_counts(config))
+        captions = int(config.data.num_captions)
+        steps = captions // config.batch_size
+    else:
+        captions = dataset.num_records
+        steps = dataset.steps_per_epoch(config.batch_size, process_count)
+    if steps < 1:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the data set "
+                         f"({captions} captions, {process_count} host(s))")
+    return steps
 
 
-def epoch_steps(config, process_count: int) -> int:
-    """Steps per epoch, the same number the input pipeline streams: `data.num_captions //
-    batch_size` when given, else `shards.steps_per_epoch` over the manifests' counts (one host:
-    captions // batch_size, the reference's drop_last)."""
-    if config.data.num_captions > 0:
-        return int(config.data.num_captions) // config.batch_size
-    return shards.steps_per_epoch(_manifest_counts(config), config.batch_size, process_count)
-
-
-def training_length(config, process_count: int | None = None) -> tuple[int, int]:
-    """(total_steps, steps_per_epoch); steps_per_epoch is 0 when the data size is not needed.
-    `process_count` defaults to jax.process_count()."""
-    needs_size = config.total_steps <= 0 or (config.optim.warmup_steps <= 0
-                                             and config.optim.warmup_epochs > 0)
-    steps_per_epoch = 0
-    if needs_size:
-        hosts = jax.process_count() if process_count is None else process_count
-        steps_per_epoch = epoch_steps(config, hosts)
-        if steps_per_epoch == 0:
-            raise ValueError(f"batch_size {config.batch_size} is larger than the data set "
-                             f"({count_captions(config)} captions, {hosts} host(s))")
+def training_length(config, steps_per_epoch: int) -> int:
+    """Total steps: `total_steps`, else `epochs` x `steps_per_epoch`."""
     total = config.total_steps if config.total_steps > 0 else int(round(config.epochs * steps_per_epoch))
     if total <= 0:
         raise ValueError(f"training would run {total} steps; set total_steps or epochs > 0")
-    return total, steps_per_epoch
+    return total
 
 
 def check_image_size(config) -> None:
@@ -164,10 +143,14 @@ def train_and_evaluate(config, workdir: str, allow_changes=(),
 def _train_and_evaluate(config, workdir: str, allow_changes, checkpoint_workdir,
                         watch: PreemptionWatch, check_lease=lambda: None) -> TrainResult:
     mesh = parallel.make_mesh()
-    total_steps, steps_per_epoch = training_length(config)
+    # The data set is resolved here once: the schedule, the resume check and the input
+    # pipeline all see the shards as they are now (a shard written later is not read).
+    dataset = TrainSet.resolve(config.data.train_files)
+    steps_per_epoch = epoch_steps(config, dataset, jax.process_count())
+    total_steps = training_length(config, steps_per_epoch)
     stop_at = min(config.stop_at_step, total_steps) if config.stop_at_step > 0 else total_steps
-    logging.info("training %d steps (%s steps/epoch) on %d devices; global batch %d captions x %d views",
-                 total_steps, steps_per_epoch or "?", jax.device_count(), config.batch_size,
+    logging.info("training %d steps (%d steps/epoch) on %d devices; global batch %d captions x %d views",
+                 total_steps, steps_per_epoch, jax.device_count(), config.batch_size,
                  views_per_caption(config))
     parts = build_training(config, mesh, total_steps, steps_per_epoch)
     abstract_state, shardings, step_fn = parts.abstract_state, parts.shardings, parts.step_fn
@@ -176,7 +159,7 @@ def _train_and_evaluate(config, workdir: str, allow_changes, checkpoint_workdir,
     ckpt = checkpoint.TrainCheckpointer(checkpoint_workdir or workdir, keep=config.keep_checkpoints)
     start_step = ckpt.latest_step()
     run_meta = resume.run_identity(config.to_json_best_effort(),
-                                   resume.data_fingerprint(config.data.train_files),
+                                   dataset.fingerprint(),
                                    jax.process_count())
     if start_step is not None:
         try:   # before anything is written or restored: a wrong resume stops here
@@ -196,9 +179,9 @@ def _train_and_evaluate(config, workdir: str, allow_changes, checkpoint_workdir,
             state = _load_initial_weights(state, config.init_from, shardings)
 
     data = pipeline.make_train_iterator(
-        config.data, batch_size=config.batch_size, seed=config.seed,
+        config.data, dataset, batch_size=config.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        start_step=start_step, steps_per_epoch=steps_per_epoch or None,
+        start_step=start_step, steps_per_epoch=steps_per_epoch,
         tokenizer_dir=config.data.tokenizer if config.model.add_language else None)
 
     knn_monitor = None
@@ -249,7 +232,7 @@ def _train_and_evaluate(config, workdir: str, allow_changes, checkpoint_workdir,
                     last_metrics.update(
                         step_time=step_time, images_per_sec=images_per_step / step_time,
                         tflops_per_sec=flops_per_chip_step / step_time / 1e12,   # per chip
-                        epoch=step / steps_per_epoch if steps_per_epoch else 0.0,
+                        epoch=step / steps_per_epoch,
                         dropped_records=float(getattr(data, "dropped", 0)))
                     if peak_flops:
                         last_metrics["mfu"] = flops_per_chip_step / step_time / peak_flops

@@ -21,13 +21,13 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import numpy as np  # noqa: E402
 
-from stablerep_jax import config_utils, parallel, resume, train  # noqa: E402
-from stablerep_jax.data import pipeline  # noqa: E402
+from stablerep_jax import config_utils, parallel, train  # noqa: E402
+from stablerep_jax.data import pipeline, train_set  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def synthetic_iterator(data_config, *, batch_size, seed, process_index, process_count,
+def synthetic_iterator(data_config, dataset, *, batch_size, seed, process_index, process_count,
                        start_step=0, tokenizer_dir=None, steps_per_epoch=None):
     """Global batch of step s from a fixed RNG; this process yields only its rows."""
     views = data_config.n_img * data_config.num_crop
@@ -49,7 +49,10 @@ def main():
     if num_processes > 1:
         parallel.initialize_distributed(f"localhost:{port}", num_processes, process_id)
     pipeline.make_train_iterator = synthetic_iterator
-    resume.data_fingerprint = lambda pattern: []      # no shards behind "synthetic"
+    # No shards behind "synthetic": a data set of two 1000-caption files, never read.
+    train.TrainSet.resolve = lambda pattern: train_set.TrainSet(
+        pattern=pattern, files=(f"{pattern}-0", f"{pattern}-1"), counts=(1000, 1000),
+        manifests={}, label_offsets={})
     config = config_utils.load_config(os.path.join(REPO, "configs", "stablerep.py") + ":tiny")
     config.data.train_files = "synthetic"
     config.total_steps = total_steps

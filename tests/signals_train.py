@@ -17,7 +17,7 @@ import sys
 workdir, train_files, when = sys.argv[1:4]
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-from stablerep_jax import checkpoint, cli, config_utils, resume, train  # noqa: E402
+from stablerep_jax import checkpoint, cli, config_utils, train  # noqa: E402
 from stablerep_jax.data import pipeline  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,15 +30,15 @@ def sigterm(why: str) -> None:
 
 def main() -> int:
     config = config_utils.load_config(os.path.join(REPO, "configs", "stablerep.py") + ":tiny")
-    config_utils.apply_overrides(config, {"data.train_files": train_files, "data.shuffle_buffer": 16,
+    config_utils.apply_overrides(config, {"data.train_files": train_files, "data.permute_window": 16,
                                           "total_steps": 8, "checkpoint_every": 100})
     if when == "startup":
-        real_fingerprint = resume.data_fingerprint
+        real_resolve = train.TrainSet.resolve
 
-        def fingerprint(pattern):
+        def resolve(pattern):
             sigterm("while counting the data files")
-            return real_fingerprint(pattern)
-        resume.data_fingerprint = fingerprint
+            return real_resolve(pattern)
+        train.TrainSet.resolve = resolve
     elif when == "final_save":
         real_iterator = pipeline.make_train_iterator
 

@@ -78,14 +78,15 @@ def _expected_length(c, steps_per_epoch):
 
 @pytest.mark.parametrize("preset", _presets(STABLEREP))
 def test_every_train_preset_builds_the_reference_schedule(preset):
-    """The trainer's own path (training_length -> learning_rate_schedule): linear warmup that
-    peaks exactly at warmup_epochs x steps_per_epoch, then cosine to 0 at epochs x steps."""
+    """The trainer's own path (epoch_steps, training_length -> learning_rate_schedule): linear
+    warmup that peaks exactly at warmup_epochs x steps_per_epoch, then cosine to 0."""
     from stablerep_jax import train
     c = _load(preset)
     steps_per_epoch = 1000
     c.data.num_captions = steps_per_epoch * c.batch_size + c.batch_size - 1   # a partial batch
-    total, spe = train.training_length(c)
-    assert spe == (steps_per_epoch if c.total_steps <= 0 or c.optim.warmup_steps <= 0 else 0)
+    spe = train.epoch_steps(c, None, process_count=1)      # from data.num_captions
+    total = train.training_length(c, spe)
+    assert spe == steps_per_epoch
     want_total, warm = _expected_length(c, steps_per_epoch)
     assert total == want_total
     schedule = optim.learning_rate_schedule(c, total, spe)

@@ -65,7 +65,7 @@ def _train_data_config(train_files, n_img):
     config.data.train_files = train_files
     config.data.image_size = 16
     config.data.n_img = n_img
-    config.data.shuffle_buffer = 8
+    config.data.permute_window = 8
     return config.data
 
 

@@ -12,7 +12,8 @@ from PIL import Image
 
 from stablerep_jax import config_utils
 from stablerep_jax import train
-from stablerep_jax.data import augment, device_augment, pipeline, records, shard_plan, shards
+from stablerep_jax.data import augment, caption_order, device_augment, pipeline, records
+from stablerep_jax.data.train_set import TrainSet
 from stablerep_jax.data import tokenize, views
 
 from tiny_tokenizer import write_tiny_clip_tokenizer
@@ -63,7 +64,7 @@ def _data_config(train_files, **overrides):
     config = config_utils.load_config(os.path.join(REPO, "configs", "stablerep.py") + ":tiny")
     config.data.train_files = train_files
     config.data.image_size = 16
-    config.data.shuffle_buffer = 16
+    config.data.permute_window = 16
     for key, value in overrides.items():
         config_utils.apply_overrides(config, {f"data.{key}": value})
     return config.data
@@ -152,9 +153,10 @@ def test_each_epoch_covers_every_caption_once(files):
 
 
 def test_hosts_read_disjoint_files_that_cover_all(files):
-    shares = [pipeline.host_files(files, i, 2) for i in range(2)]
+    dataset = TrainSet.resolve(files)
+    shares = [dataset.host_share(i, 2).files for i in range(2)]
     assert not set(shares[0]) & set(shares[1])
-    assert sorted(shares[0] + shares[1]) == sorted(pipeline.host_files(files, 0, 1))
+    assert sorted(shares[0] + shares[1]) == sorted(dataset.host_share(0, 1).files)
     data = _data_config(files)
     seen = []
     for host in range(2):
@@ -170,11 +172,33 @@ def test_hosts_read_disjoint_files_that_cover_all(files):
 def test_file_glob_errors_name_the_glob(tmp_path, files):
     missing = str(tmp_path / "nothing-*.tfrecord")
     with pytest.raises(FileNotFoundError, match="nothing-"):
-        pipeline.host_files(missing, 0, 1)
+        TrainSet.resolve(missing)
     with pytest.raises(FileNotFoundError, match="nothing-"):
         pipeline.make_train_iterator(_data_config(missing), batch_size=8, seed=0)
     with pytest.raises(ValueError, match="fewer than the 5 hosts"):
-        pipeline.host_files(files, 0, 5)
+        TrainSet.resolve(files).host_share(0, 5)
+
+
+def test_a_shard_written_after_the_data_set_is_resolved_is_not_read(tmp_path):
+    """The run's TrainSet fixes the shards, counts and fingerprint at start-up: a shard that
+    lands later (generate still writing) changes none of them and is never read."""
+    directory = str(tmp_path / "data")
+    glob = _write(directory, num_captions=16, num_shards=2)
+    dataset = TrainSet.resolve(glob)
+    fingerprint, steps = dataset.fingerprint(), dataset.steps_per_epoch(8, 1)
+    late = [records.CaptionRecord(caption=f"caption {c}", caption_id=c,
+                                  images=[_png(_colour(c, j)) for j in range(K)],
+                                  seeds=list(range(K))) for c in range(16, 24)]
+    records.write_shard(os.path.join(directory, "train-00002-of-00002.tfrecord"), late)
+    manifest = records.read_manifest(directory)
+    manifest["shards"]["train-00002-of-00002.tfrecord"] = {"captions": 8, "images": 8 * K}
+    records.write_manifest(directory, manifest["shards"], images_per_caption=K)
+    assert TrainSet.resolve(glob).num_records == 24                 # a new resolve would see it
+    it = pipeline.make_train_iterator(_data_config(glob), dataset, batch_size=8, seed=0)
+    labels = np.concatenate([b["labels"] for b in _take(it, 3 * steps)])
+    assert it.info.steps_per_epoch == steps == 2
+    assert set(labels.tolist()) == set(range(16))                  # three epochs, none of 16-23
+    assert dataset.fingerprint() == fingerprint and len(fingerprint) == 2
 
 
 def test_same_seed_same_batches_and_exact_resume(files):
@@ -221,14 +245,16 @@ def test_too_many_undecodable_records_fail_clearly(tmp_path):
     glob = _write(str(tmp_path), bad=(1, 2))
     it = pipeline.make_train_iterator(_data_config(glob, max_bad_fraction=0.0), batch_size=8,
                                       seed=0)
-    with pytest.raises(ValueError, match="max_bad_fraction"):
+    with pytest.raises(ValueError, match=r"train-00000-of-00004.tfrecord: record [12] holds "
+                                         r"images that do not decode; .*max_bad_fraction=0.0"):
         _take(it, 4)
 
 
 def test_too_few_images_per_caption_fail_clearly(tmp_path):
     no_manifest = _write(str(tmp_path / "a"), k=2, manifest=False)
     it = pipeline.make_train_iterator(_data_config(no_manifest, n_img=3), batch_size=8, seed=0)
-    with pytest.raises(ValueError, match="n_img"):
+    with pytest.raises(ValueError, match=r"a/train-0000\d-of-00004.tfrecord: record \d holds 2 "
+                                         r"images, fewer than data.n_img"):
         next(it)
     with_manifest = _write(str(tmp_path / "b"), k=2)
     with pytest.raises(ValueError, match="images_per_caption=2"):
@@ -242,14 +268,14 @@ def test_tokens_for_stablerep_plus_plus(files, tmp_path):
     batch = next(it)
     assert batch["tokens"].shape == (8, 77) and batch["tokens"].dtype == np.int32
     tokenizer = tokenize.load_tokenizer(tok_dir)
-    want = tokenize.tokenize(tokenizer, [f"caption {c}" for c in batch["labels"]])
+    want = tokenize.clip_token_ids(tokenizer, [f"caption {c}" for c in batch["labels"]])
     np.testing.assert_array_equal(batch["tokens"], want)
 
 
 def test_tokenize_matches_clip_tokenize_layout(tmp_path):
     tokenizer = tokenize.load_tokenizer(write_tiny_clip_tokenizer(str(tmp_path)))
     sot, eot = tokenizer.bos_token_id, tokenizer.eos_token_id
-    short, long = tokenize.tokenize(tokenizer, [b"the cat", "word " * 200])
+    short, long = tokenize.clip_token_ids(tokenizer, [b"the cat", "word " * 200])
     n = int(np.nonzero(short)[0].max()) + 1
     assert short[0] == sot and short[n - 1] == eot and (short[n:] == 0).all()
     assert short[1:n - 1].tolist() == tokenizer("the cat", add_special_tokens=False)["input_ids"]
@@ -274,15 +300,15 @@ def _train_config(train_files, batch_size, **data):
 def test_stream_steps_per_epoch_equal_training_length(tmp_path):
     glob = _write(str(tmp_path), num_captions=30, num_shards=3, bad=(7,))   # shards 10/10/10
     config = _train_config(glob, 6, max_bad_fraction=0.1)
-    _, schedule = train.training_length(config, process_count=1)
-    it = pipeline.make_train_iterator(config.data, batch_size=6, seed=0)
+    dataset = TrainSet.resolve(glob)
+    schedule = train.epoch_steps(config, dataset, process_count=1)
+    it = pipeline.make_train_iterator(config.data, dataset, batch_size=6, seed=0)
     assert it.info.steps_per_epoch == schedule == 30 // 6
     for host in range(2):                                          # shares of 20 and 10 records
-        _, schedule = train.training_length(config, process_count=2)
-        it = pipeline.make_train_iterator(config.data, batch_size=6, seed=0, process_index=host,
-                                          process_count=2)
+        schedule = train.epoch_steps(config, dataset, process_count=2)
+        it = pipeline.make_train_iterator(config.data, dataset, batch_size=6, seed=0,
+                                          process_index=host, process_count=2)
         assert it.info.steps_per_epoch == schedule == 10 // 3
-    assert shards.steps_per_epoch([10, 10, 10], 6, 2) == 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,9 +422,9 @@ PINNED_ORDER = [0, 9, 1, 8, 5, 6, 2, 3, 7, 4]
 
 
 def test_caption_order_is_a_fixed_permutation():
-    order = shard_plan.caption_order(10, 4)
+    order = caption_order.caption_order(10, 4)
     assert order.tolist() == PINNED_ORDER                       # resumes on any NumPy agree
-    big = shard_plan.caption_order(10_000, 1000)
+    big = caption_order.caption_order(10_000, 1000)
     assert sorted(big.tolist()) == list(range(10_000))
     assert np.abs(np.diff(big[:1000])).mean() > 2000            # a shuffled sample, not a run
 

@@ -300,7 +300,7 @@ def test_toy_data_on_a_url_is_read_back_by_train(tmp_path):
     config = config_utils.load_config(os.path.join(REPO, "configs", "stablerep.py") + ":tiny")
     config.data.train_files = os.path.join(out, "*" + records.SHARD_SUFFIX)
     config.data.image_size = 8
-    config.data.shuffle_buffer = 8
+    config.data.permute_window = 8
     it = pipeline.make_train_iterator(config.data, batch_size=3, seed=0)
     batch = next(it)
     assert batch["images"].shape == (3, 2, 8, 8, 3)

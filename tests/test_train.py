@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from stablerep_jax import cli, config_utils, parallel, resume, train
 from stablerep_jax.data import pipeline, recipe
+from stablerep_jax.data.train_set import TrainSet
 from stablerep_jax.metrics import read_metrics
 
 import synthetic_records
@@ -26,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(train_files, **overrides):
     config = config_utils.load_config(os.path.join(REPO, "configs", "stablerep.py") + ":tiny")
     config.data.train_files = train_files
-    config.data.shuffle_buffer = 16
+    config.data.permute_window = 16
     for key, value in overrides.items():
         config_utils.apply_overrides(config, {key: value})
     return config
@@ -181,7 +182,7 @@ def test_sigterm_during_startup_exits_75_and_says_so(train_files, tmp_path):
     assert "stopped by SIGTERM during start-up (nothing new to save" in run.stdout
     assert "signals_train: step=0 preempted=True" in run.stdout
     assert not (tmp_path / "metrics.jsonl").exists()
-    assert not os.listdir(tmp_path / "checkpoints")
+    assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
 
 
 @pytest.mark.slow
@@ -424,7 +425,7 @@ def test_bad_configs_fail_before_touching_data(tmp_path):
     with pytest.raises(ValueError, match="not divisible"):
         train.check_config(tiny_config("x", batch_size=6))
     with pytest.raises(FileNotFoundError, match="matches no file"):
-        train.count_captions(tiny_config(str(tmp_path / "none-*.tfrecord"), total_steps=0))
+        TrainSet.resolve(str(tmp_path / "none-*.tfrecord"))
     with pytest.raises(ValueError, match="preemption_check_every=0"):
         config = tiny_config("x")
         config.preemption_check_every = 0
@@ -443,36 +444,54 @@ def test_bad_configs_fail_before_touching_data(tmp_path):
             train.check_config(tiny_config("x", batch_size=bad))
 
 
-def test_count_captions_needs_every_shard_in_a_manifest(train_files, tmp_path):
-    """Sizing epochs reads manifests only (never terabytes of shards), wherever they live."""
+def test_train_set_counts_from_manifests_and_reads_only_unlisted_shards(train_files, tmp_path):
+    """Counts come from manifest.json; a shard no manifest lists is counted by reading it."""
     source = os.path.dirname(train_files)
-    assert train.count_captions(tiny_config(train_files, total_steps=0)) == 32
-
+    dataset = TrainSet.resolve(train_files)
+    assert dataset.num_records == 32
     bare = tmp_path / "bare"
     bare.mkdir()
     first = sorted(f for f in os.listdir(source) if f.endswith(".tfrecord"))[0]
     shutil.copy(os.path.join(source, first), bare / first)
-    with pytest.raises(FileNotFoundError, match="has no manifest.json.*num_captions"):
-        train.count_captions(tiny_config(str(bare / "*.tfrecord"), total_steps=0))
-
+    want = dict(dataset.fingerprint())[first]
+    assert TrainSet.resolve(str(bare / "*.tfrecord")).counts == (want,)
     shutil.copy(os.path.join(source, "manifest.json"), bare / "manifest.json")
-    shutil.copy(bare / first, bare / "extra.tfrecord")
-    with pytest.raises(FileNotFoundError, match="extra.tfrecord is not listed in"):
-        train.count_captions(tiny_config(str(bare / "*.tfrecord"), total_steps=0))
+    with open(bare / "extra.tfrecord", "wb") as f:
+        f.write(b"not a TFRecord file")
+    with pytest.raises(ValueError, match="extra.tfrecord: cannot be read as a TFRecord"):
+        TrainSet.resolve(str(bare / "*.tfrecord"))
 
 
-def test_count_captions_reads_manifests_on_other_filesystems(train_files, ram_dir):
+def test_train_set_reads_manifests_on_other_filesystems(train_files, ram_dir):
     """ram:// stands in for gs://: both go through tf.io.gfile, never os.path."""
     source = os.path.dirname(train_files)
     tf.io.gfile.makedirs(ram_dir)
     for name in os.listdir(source):
         tf.io.gfile.copy(os.path.join(source, name), f"{ram_dir}/{name}")
-    assert train.count_captions(tiny_config(f"{ram_dir}/*.tfrecord", total_steps=0)) == 32
+    assert TrainSet.resolve(f"{ram_dir}/*.tfrecord").num_records == 32
+
+
+@pytest.mark.slow
+def test_train_resolves_the_data_set_once(train_files, tmp_path, monkeypatch):
+    """One glob of data.train_files per run: the schedule, the resume check (the fingerprint in
+    the checkpoint) and the input pipeline share one TrainSet."""
+    globs = []
+    real_glob = tf.io.gfile.glob
+
+    def glob(pattern):
+        globs.append(pattern)
+        return real_glob(pattern)
+    monkeypatch.setattr(tf.io.gfile, "glob", glob)
+    result = train.train_and_evaluate(tiny_config(train_files, total_steps=2), str(tmp_path))
+    assert result.step == 2 and globs.count(train_files) == 1
+    from stablerep_jax import checkpoint
+    meta = checkpoint.TrainCheckpointer(str(tmp_path)).restore_meta(2)
+    assert meta[resume.META_DATA_FILES] == TrainSet.resolve(train_files).fingerprint()
 
 
 @pytest.mark.slow
 def test_knn_monitor_logs_accuracy_during_training(train_files, tmp_path):
-    from stablerep_jax.generation import toy_world
+    from stablerep_jax.demo import toy_world
     folder = str(tmp_path / "knn_folder")
     toy_world.write_toy_probe_folder(folder, attribute="color", train_per_class=4,
                                      test_per_class=2, image_size=40, seed=0)

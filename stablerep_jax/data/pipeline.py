@@ -2,51 +2,53 @@
 
 Stream of one host (all stages deterministic for a fixed seed):
 
-  blocks of permuted files (shards.EpochPlan) -> interleaved records, each file exactly its
-     manifest count long (a corrupt or truncated tail becomes unreadable placeholders)
+  blocks of permuted files (epoch_plan.EpochPlan) -> interleaved records, each file exactly its
+     recorded count long (a corrupt or truncated tail becomes unreadable placeholders)
   -> parse, pick m of K images              (keyed by seed, epoch, label, draw)
-  -> permuted in windows of data.shuffle_buffer records
+  -> permuted in windows of data.permute_window records
   -> after each epoch, its first 2 x allowance records again as spares (draw 1)
-  -> decode the m x num_crop views' crops   (views.safe_decode; JPEG: only the crop; keyed
-     by seed, epoch, label, view, draw); undecodable records flagged
-  -> keep the first `steps_per_epoch * B_host` decodable records of each epoch, count drops
+  -> each record followed by its marker; decode the m x num_crop views' crops (JPEG: only the
+     crop; keyed by seed, epoch, label, view, draw); a record that fails to decode is dropped,
+     and its marker, which never fails, says so and names it
+  -> keep the first `steps_per_epoch * B_host` good records of each epoch, count bad ones
   -> the views: resize, flip to uint8, plus  (same keys)
        each view's colour parameters; the train step finishes them on the accelerator
        (`device_augment.finish_views`: colour stage, normalisation)
   -> batch(B_host) [-> CLIP tokens] -> prefetch
 
-Every epoch yields `steps_per_epoch` batches, the trainer's number (`shards.steps_per_epoch`:
+Every epoch yields `steps_per_epoch` batches, the trainer's number (`TrainSet.steps_per_epoch`:
 records // batch_size on one host, as the reference's DistributedSampler + drop_last): the
-records past the quota are the epoch's unused remainder, and an undecodable record is replaced
-from it, or, when it is used up, from the spares, fresh draws of the epoch's first captions
-(never in the same batch as their first use unless an epoch is one batch). Up to
-`floor(data.max_bad_fraction * records)` bad records per epoch are tolerated; past that, the
-error names the file and record. A batch never mixes two epochs and step s always falls in epoch
-s // steps_per_epoch. Labels are caption_id plus the offset of the record's directory
-(`shards.label_offsets`; 0 for one directory). Resuming at step s skips whole epochs and blocks
-without reading them and reads (without decoding) at most one block. The resumed stream equals
-the uninterrupted one exactly when no record of the current epoch before step s failed to
-decode; otherwise it is shifted by those few records until the epoch ends (later epochs are
-exact again).
+records past the quota are the epoch's unused remainder, and a bad record (unreadable or
+undecodable) is replaced from it, or, when it is used up, from the spares, fresh draws of the
+epoch's first captions (never in the same batch as their first use unless an epoch is one
+batch). Up to `floor(data.max_bad_fraction * records)` bad records per epoch are tolerated.
+Problems travel as data: the scan that counts records marks the element where one is found
+with an error code, the file and the record index, and `TrainIterator` raises the error that
+names them when that element's batch arrives. A batch never mixes two epochs and step s always
+falls in epoch s // steps_per_epoch. Labels are caption_id plus the offset of the record's
+directory (`TrainSet.label_offsets`; 0 for one directory). Resuming at step s skips whole
+epochs and blocks without reading them and reads (without decoding) at most one block. The
+resumed stream equals the uninterrupted one exactly when no record of the current epoch before
+step s was bad; otherwise it is shifted by those few records until the epoch ends (later epochs
+are exact again).
 """
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from stablerep_jax.data import augment, records, shards, tokenize, views
-from stablerep_jax.data.shards import host_files  # noqa: F401  (this module's API)
+from stablerep_jax.data import augment, epoch_plan, tokenize, train_set, views
+from stablerep_jax.data.train_set import TrainSet
 
-TOO_MANY_BAD = "too many undecodable records in one epoch"
-UNREADABLE_FILE = "shard unreadable from its first record"
-EPOCH_SHORT = "epoch ended before its quota of decodable records"
 FILES_PER_BLOCK = 16
 READ_BUFFER_BYTES = 8 << 20
+
+# Error codes the counting scan writes into an element (`_error`); 0: none.
+TOO_MANY_UNREADABLE, TOO_MANY_UNDECODABLE, UNREADABLE_FILE, EPOCH_SHORT, TOO_FEW_IMAGES = range(1, 6)
+_ERROR_FIELDS = ("_error", "_error_file", "_error_record", "_error_epoch", "_error_value")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,14 +58,14 @@ class StreamInfo:
     records_per_epoch: int
     host_batch: int
     steps_per_epoch: int
-    bad_allowance: int          # undecodable records tolerated per epoch on this host
+    bad_allowance: int          # bad records tolerated per epoch on this host
     start_epoch: int
     start_step_in_epoch: int
 
 
 class TrainIterator:
     """Infinite iterator of numpy batches; `dropped` / `seen` count records since it started
-    (undecodable ones / all read past), for logging."""
+    (bad ones / all read past), for logging."""
 
     def __init__(self, dataset: tf.data.Dataset, info: StreamInfo, pattern: str,
                  max_bad_fraction: float):
@@ -78,45 +80,41 @@ class TrainIterator:
         return self
 
     def __next__(self) -> dict:
-        try:
-            batch = next(self._iterator)
-        except tf.errors.InvalidArgumentError as e:
-            raise self._explain(e) from e
+        batch = next(self._iterator)
+        errors = np.flatnonzero(batch["_error"])
+        if errors.size:
+            raise self._explain(**{k[1:]: int(batch[k][errors[0]]) for k in _ERROR_FIELDS})
         self.dropped = int(batch.pop("_dropped").max())
         self.seen = int(batch.pop("_seen").max())
+        for key in _ERROR_FIELDS:
+            del batch[key]
         return batch
 
-    def _explain(self, error: Exception) -> Exception:
-        message = str(error.message if hasattr(error, "message") else error)
-        where = _failing_record(message, self.info.files)
-        if TOO_MANY_BAD in message:
-            what = ("could not be read (a corrupt or truncated TFRecord)" if where[2] == "0"
-                    else "holds images that do not decode")
+    def _explain(self, error: int, error_file: int, error_record: int, error_epoch: int,
+                 error_value: int) -> ValueError:
+        file = self.info.files[error_file] if 0 <= error_file < len(self.info.files) else "?"
+        if error in (TOO_MANY_UNREADABLE, TOO_MANY_UNDECODABLE):
+            what = ("could not be read (a corrupt or truncated TFRecord)"
+                    if error == TOO_MANY_UNREADABLE else "holds images that do not decode")
             return ValueError(
-                f"{where[0]}: record {where[1]} {what}; that is more than "
+                f"{file}: record {error_record} {what}; that is more than "
                 f"data.max_bad_fraction={self._max_bad_fraction} of the "
                 f"{self.info.records_per_epoch} records of an epoch on this host "
-                f"(> {self.info.bad_allowance} bad records) in {self._pattern!r}")
-        if UNREADABLE_FILE in message:
-            return ValueError(f"{where[0]}: no record can be read (empty, not a TFRecord file, "
+                f"(> {self.info.bad_allowance} bad records, epoch {error_epoch}) in "
+                f"{self._pattern!r}")
+        if error == UNREADABLE_FILE:
+            return ValueError(f"{file}: no record can be read (empty, not a TFRecord file, "
                               f"or corrupt from its start) though it should hold records; "
                               f"regenerate it or remove it from {self._pattern!r}")
-        if EPOCH_SHORT in message:
-            return ValueError(f"{self._pattern!r}: too many undecodable records to fill an "
-                              f"epoch of {self.info.steps_per_epoch} steps ({message.splitlines()[0]})")
-        if views.TOO_FEW_IMAGES in message:
-            return ValueError(f"{self._pattern!r}: a {views.TOO_FEW_IMAGES}: "
-                              f"{message.splitlines()[0]}")
-        return error
-
-
-def _failing_record(message: str, files: tuple[str, ...]) -> tuple[str, str, str]:
-    """(file, record index, readable flag) from a failed scan assertion's message."""
-    file = re.search(r"\[file\] \[(\d+)\]", message)
-    record = re.search(r"\[record\] \[(\d+)\]", message)
-    readable = re.search(r"\[readable\] \[(\d+)\]", message)
-    return (files[int(file.group(1))] if file else "?", record.group(1) if record else "?",
-            readable.group(1) if readable else "?")
+        if error == EPOCH_SHORT:
+            return ValueError(f"{self._pattern!r}: too many bad records to fill epoch "
+                              f"{error_epoch} of {self.info.steps_per_epoch} steps: only "
+                              f"{error_value} of its {self.info.host_batch} x "
+                              f"{self.info.steps_per_epoch} records were good")
+        if error == TOO_FEW_IMAGES:
+            return ValueError(f"{file}: record {error_record} holds {error_value} images, fewer "
+                              f"than data.n_img: each caption needs at least n_img images")
+        raise AssertionError(f"unknown input pipeline error code {error}")
 
 
 def _permute_window(window, key):
@@ -137,7 +135,7 @@ def _file_records(path, count, offset, position):
                         "file": position, "index": i, "offset": offset})
 
 
-def _read_records(plan: shards.EpochPlan, start_epoch: int, skip_records: int, window: int,
+def _read_records(plan: epoch_plan.EpochPlan, start_epoch: int, skip_records: int, window: int,
                   *, spare_records: int, n_img: int, seed: int) -> tf.data.Dataset:
     """Parsed records with m sampled encoded images, from `start_epoch` on, forever; after each
     epoch its first `spare_records` records again, marked as spares (draw 1).
@@ -169,7 +167,7 @@ def _read_records(plan: shards.EpochPlan, start_epoch: int, skip_records: int, w
         ds = ds.map(lambda e: dict(
             views.parse_and_sample(e["serialized"], epoch, n_img=n_img, seed=seed,
                                    readable=e["readable"], label_offset=e["offset"], draw=spare),
-            readable=e["readable"], file=e["file"], index=e["index"]),
+            file=e["file"], index=e["index"]),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         if window > 1:
             ds = ds.batch(window).enumerate().map(
@@ -179,53 +177,73 @@ def _read_records(plan: shards.EpochPlan, start_epoch: int, skip_records: int, w
     return blocks.flat_map(read_block).prefetch(max(window, 1))
 
 
+def _with_markers(element: dict) -> dict:
+    """The record and, after it, its marker: the same element with no image bytes and
+    `marker` set. The marker never fails to decode, so when the record does (and is dropped by
+    `ignore_errors`) the marker reaches the counting scan alone and names it."""
+    marker = dict(element, encoded=tf.fill(tf.shape(element["encoded"]), b""))
+    return tf.nest.map_structure(lambda a, b: tf.stack([a, b]), dict(element, marker=False),
+                                 dict(marker, marker=True))
+
+
 def _count_and_keep(*, start_epoch: int, first_quota: int, quota: int, allowance: int):
-    """A scan over decoded records that keeps the first `quota` decodable ones of each epoch
-    (`first_quota` for the epoch a run starts in) and counts the undecodable ones.
+    """A scan over records and their markers that keeps the first `quota` good records of each
+    epoch (`first_quota` for the epoch a run starts in) and counts the bad ones: a record whose
+    status is UNREADABLE, or whose marker arrives without it (it failed to decode).
 
     Records of the epoch's main pass beyond the quota are its unused remainder (the reference's
-    drop_last); undecodable records are replaced from that remainder, then from the spares
-    (draw 1) that follow the epoch. Fails, naming the file and record, past `allowance`
-    undecodable records in an epoch, at a shard unreadable from its first record, or when an
-    epoch cannot be filled."""
+    drop_last); bad records are replaced from that remainder, then from the spares (draw 1)
+    that follow the epoch. Past `allowance` bad records in an epoch, at a shard unreadable from
+    its first record, at a record with too few images, or when an epoch cannot be filled, the
+    element gets an error code (`_error`) with the file, record, epoch and a count."""
+    def as64(value):
+        return tf.constant(value, tf.int64)
+
     def scan(state, element):
-        cur_epoch, dropped_e, kept_e, dropped, seen = state
-        epoch = element["epoch"]
+        cur_epoch, dropped_e, kept_e, dropped, seen, pending = state
+        epoch, marker = element["epoch"], element["marker"]
         fresh = tf.not_equal(epoch, cur_epoch)
-        cur_limit = tf.where(tf.equal(cur_epoch, start_epoch), tf.constant(first_quota, tf.int64),
-                             tf.constant(quota, tf.int64))
-        filled = tf.logical_or(tf.logical_not(fresh),
-                               tf.logical_or(cur_epoch < 0, kept_e >= cur_limit))
-        check_filled = tf.debugging.Assert(
-            filled, [EPOCH_SHORT, "epoch", cur_epoch, "kept", kept_e, "quota", cur_limit])
-        dropped_e = tf.where(fresh, tf.constant(0, tf.int64), dropped_e)
-        kept_e = tf.where(fresh, tf.constant(0, tf.int64), kept_e)
+        cur_limit = tf.where(tf.equal(cur_epoch, start_epoch), as64(first_quota), as64(quota))
+        short = tf.logical_and(fresh, tf.logical_and(cur_epoch >= 0, kept_e < cur_limit))
+        short_kept = kept_e
+        dropped_e = tf.where(fresh, as64(0), dropped_e)
+        kept_e = tf.where(fresh, as64(0), kept_e)
         main = tf.equal(element["draw"], 0)
-        ok, readable = element["ok"], element["readable"]
-        bad = tf.cast(tf.logical_and(main, tf.logical_not(ok)), tf.int64)
-        whole_file = tf.logical_and(main, tf.logical_and(tf.logical_not(readable),
-                                                         tf.equal(element["index"], 0)))
-        check_file = tf.debugging.Assert(
-            tf.logical_not(whole_file), [UNREADABLE_FILE, "file", element["file"]])
-        limit = tf.where(tf.equal(epoch, start_epoch), tf.constant(first_quota, tf.int64),
-                         tf.constant(quota, tf.int64))
-        keep = tf.logical_and(ok, kept_e < limit)
-        dropped_e += bad
-        check_bad = tf.debugging.Assert(
-            dropped_e <= tf.constant(allowance, tf.int64),
-            [TOO_MANY_BAD, "epoch", epoch, "dropped", dropped_e, "file", element["file"],
-             "record", element["index"], "readable", readable])
-        with tf.control_dependencies([check_filled, check_file, check_bad]):
-            kept_e += tf.cast(keep, tf.int64)
-        out = dict(element, keep=keep, _dropped=dropped + bad, _seen=seen + 1)
-        return (epoch, dropped_e, kept_e, dropped + bad, seen + 1), out
-    zero = tf.constant(0, tf.int64)
-    return (tf.constant(-1, tf.int64), zero, zero, zero, zero), scan
+        status = element["status"]
+        unreadable = tf.logical_and(tf.logical_not(marker), tf.equal(status, views.UNREADABLE))
+        undecodable = tf.logical_and(marker, tf.logical_not(pending))
+        bad = tf.logical_and(main, tf.logical_or(unreadable, undecodable))
+        good = tf.logical_and(tf.logical_not(marker), tf.equal(status, views.OK))
+        limit = tf.where(tf.equal(epoch, start_epoch), as64(first_quota), as64(quota))
+        keep = tf.logical_and(good, kept_e < limit)
+        bad64 = tf.cast(bad, tf.int64)
+        dropped_e += bad64
+        kept_e += tf.cast(keep, tf.int64)
+        seen_now = seen + tf.cast(marker, tf.int64)
+        errors = [   # (condition, code, value), the first that holds wins
+            (short, EPOCH_SHORT, short_kept),
+            (tf.logical_and(tf.logical_not(marker), tf.equal(status, views.TOO_FEW_IMAGES)),
+             TOO_FEW_IMAGES, tf.cast(element["num_images"], tf.int64)),
+            (tf.logical_and(unreadable, tf.logical_and(main, tf.equal(element["index"], 0))),
+             UNREADABLE_FILE, as64(0)),
+            (tf.logical_and(bad, dropped_e > allowance),
+             tf.where(unreadable, TOO_MANY_UNREADABLE, TOO_MANY_UNDECODABLE), dropped_e)]
+        code, value = tf.constant(0), as64(0)
+        for condition, this_code, this_value in reversed(errors):
+            code = tf.where(condition, this_code, code)
+            value = tf.where(condition, this_value, value)
+        out = dict(element, keep=keep, _dropped=dropped + bad64, _seen=seen_now, _error=code,
+                   _error_file=element["file"], _error_record=element["index"],
+                   _error_epoch=tf.where(short, cur_epoch, epoch), _error_value=value)
+        return (epoch, dropped_e, kept_e, dropped + bad64, seen_now,
+                tf.logical_not(marker)), out
+    zero = as64(0)
+    return (as64(-1), zero, zero, zero, zero, tf.constant(False)), scan
 
 
-def make_train_iterator(data_config, *, batch_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1, start_step: int = 0,
-                        tokenizer_dir: str | None = None,
+def make_train_iterator(data_config, dataset: TrainSet | None = None, *, batch_size: int,
+                        seed: int, process_index: int = 0, process_count: int = 1,
+                        start_step: int = 0, tokenizer_dir: str | None = None,
                         steps_per_epoch: int | None = None,
                         files_per_block: int = FILES_PER_BLOCK,
                         num_threads: int | None = None) -> TrainIterator:
@@ -238,9 +256,10 @@ def make_train_iterator(data_config, *, batch_size: int, seed: int, process_inde
     float32 carries each view's colour stage, which `device_augment.model_images` applies
     (normalised, `data.image_dtype`) inside the jitted step.
 
-    `steps_per_epoch` is the trainer's (`train.training_length`); by default it is computed the
-    same way (`shards.steps_per_epoch`). `num_threads` caps tf.data's CPU threads (default: all
-    cores)."""
+    `dataset` is the run's `TrainSet` (train resolves it once, so this reads exactly the
+    shards its schedule and resume check saw); None resolves `data.train_files` here, for
+    standalone use. `steps_per_epoch` is the trainer's; by default the data set's.
+    `num_threads` caps tf.data's CPU threads (default: all cores)."""
     if batch_size % process_count:
         raise ValueError(f"batch_size {batch_size} does not split over {process_count} hosts")
     host_batch = batch_size // process_count
@@ -251,29 +270,22 @@ def make_train_iterator(data_config, *, batch_size: int, seed: int, process_inde
     if not 0.0 <= max_bad < 0.5:
         raise ValueError(f"data.max_bad_fraction={max_bad}: must be in [0, 0.5)")
     spec = augment.AugmentSpec.from_config(data_config)
-    pattern = data_config.train_files
-    if not pattern:
-        raise ValueError("set data.train_files to a glob of TFRecord shards")
-
-    all_files = shards.matching_files(pattern)
-    files = host_files(pattern, process_index, process_count)
-    all_counts = shards.count_records(all_files)
-    count_of = dict(zip(all_files, all_counts))
-    counts = [count_of[f] for f in files]
-    shards.check_not_empty(files, counts)
-    manifests = shards.read_manifests(all_files)
-    offsets = shards.label_offsets(manifests)
-    _check_images_per_caption(manifests, n_img)
-    plan = shards.EpochPlan(files=tuple(files), counts=tuple(counts), seed=int(seed),
-                            host=process_index,
-                            files_per_block=max(1, min(files_per_block, len(files))),
-                            offsets=tuple(offsets[os.path.dirname(f)] for f in files))
+    if dataset is None:
+        dataset = TrainSet.resolve(data_config.train_files)
+    pattern = dataset.pattern
+    share = dataset.host_share(process_index, process_count)
+    train_set.check_not_empty(share.files, share.counts)
+    dataset.check_images_per_caption(n_img)
+    plan = epoch_plan.EpochPlan(files=share.files, counts=share.counts, seed=int(seed),
+                                host=process_index,
+                                files_per_block=max(1, min(files_per_block, len(share.files))),
+                                offsets=share.offsets)
     n = plan.records_per_epoch
     if steps_per_epoch is None:
-        steps_per_epoch = shards.steps_per_epoch(all_counts, batch_size, process_count)
+        steps_per_epoch = dataset.steps_per_epoch(batch_size, process_count)
     if steps_per_epoch < 1:
-        raise ValueError(f"{pattern!r} ({len(all_files)} files) holds fewer than one batch of "
-                         f"{host_batch} captions for host {process_index} of {process_count} "
+        raise ValueError(f"{pattern!r} ({len(dataset.files)} files) holds fewer than one batch "
+                         f"of {host_batch} captions for host {process_index} of {process_count} "
                          f"({n} records)")
     if steps_per_epoch * host_batch > n:
         raise ValueError(f"{steps_per_epoch} steps per epoch of {host_batch} captions need "
@@ -281,28 +293,29 @@ def make_train_iterator(data_config, *, batch_size: int, seed: int, process_inde
                          f"share of {pattern!r} holds {n} (data.num_captions too large?)")
     allowance = int(np.floor(max_bad * n))
     start_epoch, step_in_epoch = divmod(int(start_step), steps_per_epoch)
-    info = StreamInfo(files=tuple(files), records_per_epoch=n, host_batch=host_batch,
+    info = StreamInfo(files=share.files, records_per_epoch=n, host_batch=host_batch,
                       steps_per_epoch=steps_per_epoch, bad_allowance=allowance,
                       start_epoch=start_epoch, start_step_in_epoch=step_in_epoch)
     logging.info("input: host %d/%d reads %d files, %d records/epoch, %d steps/epoch of %d "
                  "captions; starting at epoch %d step %d", process_index, process_count,
-                 len(files), n, steps_per_epoch, host_batch, start_epoch, step_in_epoch)
+                 len(share.files), n, steps_per_epoch, host_batch, start_epoch, step_in_epoch)
 
     ds = _read_records(plan, start_epoch, step_in_epoch * host_batch,
-                       int(data_config.shuffle_buffer), spare_records=min(n, 2 * allowance),
+                       int(data_config.permute_window), spare_records=min(n, 2 * allowance),
                        n_img=n_img, seed=int(seed))
-    ds = ds.interleave(lambda e: views.safe_decode(e, n_img=n_img, num_crop=num_crop,
-                                                   seed=int(seed), spec=spec),
-                       cycle_length=tf.data.AUTOTUNE, block_length=1,
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(_with_markers).unbatch()
+    ds = ds.map(lambda e: views.decode_crops(
+        e, n_img=n_img, num_crop=num_crop, seed=int(seed), spec=spec,
+        decode=tf.logical_and(tf.logical_not(e["marker"]), tf.equal(e["status"], views.OK))),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
     init, scan = _count_and_keep(
         start_epoch=start_epoch, first_quota=(steps_per_epoch - step_in_epoch) * host_batch,
         quota=steps_per_epoch * host_batch, allowance=allowance)
-    ds = ds.scan(init, scan).filter(lambda e: e["keep"])
+    ds = ds.scan(init, scan).filter(lambda e: tf.logical_or(e["keep"], e["_error"] > 0))
 
     def to_views(e):
         out = views.augment_views(e, spec=spec, num_crop=num_crop, seed=int(seed))
-        out.update(_dropped=e["_dropped"], _seen=e["_seen"])
+        out.update({k: e[k] for k in ("_dropped", "_seen") + _ERROR_FIELDS})
         return out
 
     ds = ds.map(to_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -327,7 +340,7 @@ def _add_tokens(tokenizer_dir: str):
     tokenizer = tokenize.load_tokenizer(tokenizer_dir)
 
     def tokens(captions):
-        return tokenize.tokenize(tokenizer, captions)
+        return tokenize.clip_token_ids(tokenizer, captions)
 
     def add(batch):
         out = _drop_captions(batch)
@@ -335,12 +348,3 @@ def _add_tokens(tokenizer_dir: str):
         out["tokens"] = tf.ensure_shape(ids, [batch["caption"].shape[0], tokenize.CONTEXT_LENGTH])
         return out
     return add
-
-
-def _check_images_per_caption(manifests: dict[str, dict | None], n_img: int) -> None:
-    """Fails early when a manifest says the shards hold fewer than n_img images per caption."""
-    for directory, manifest in sorted(manifests.items()):
-        k = (manifest or {}).get("images_per_caption")
-        if k is not None and int(k) < n_img:
-            raise ValueError(f"data.n_img={n_img} but {directory}/manifest.json says "
-                             f"images_per_caption={k}: each caption needs at least n_img images")
