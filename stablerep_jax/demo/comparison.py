@@ -13,6 +13,7 @@ and `demo_results.json`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -237,13 +238,25 @@ def _runs(config) -> list[str]:
     return ["stablerep"] + [k for k in RUNS if k in config.baselines]
 
 
+@contextlib.contextmanager
+def _timed(stage: str, seconds: dict):
+    """Adds the stage's wall time to `seconds[stage]` and logs it: the report says where the
+    demo's minutes go."""
+    start = time.time()
+    yield
+    seconds[stage] = round(seconds.get(stage, 0.0) + time.time() - start, 1)
+    logging.info("stage %s: %.1f s", stage, seconds[stage])
+
+
 def run(config, workdir: str) -> dict:
     start = time.time()
+    stage_seconds = {}
     runs = _runs(config)
     fileio.makedirs(workdir)
     data_dir = config.data_dir or os.path.join(workdir, "data")
-    globs = make_data(config, data_dir)
-    sheet = samples_sheet(globs, workdir)
+    with _timed("data", stage_seconds):
+        globs = make_data(config, data_dir)
+        sheet = samples_sheet(globs, workdir)
     # Checkpoints beside the metrics unless `checkpoint_dir` says otherwise (orbax cannot write
     # every URL a workdir may be, e.g. ram://).
     ckpt_root = config.checkpoint_dir or workdir
@@ -252,17 +265,20 @@ def run(config, workdir: str) -> dict:
     encoders = {slug: os.path.join(ckpt_root, slug) for slug in runs}
     train_cfgs = {slug: run_config(config, slug, globs) for slug in runs}
     for slug, cfg in train_cfgs.items():
-        train_run(cfg, RUNS[slug][0], run_dirs[slug], encoders[slug])
+        with _timed(f"train {slug}", stage_seconds):
+            train_run(cfg, RUNS[slug][0], run_dirs[slug], encoders[slug])
     encoders[RANDOM[0]] = random_checkpoint(train_cfgs["stablerep"],
                                             os.path.join(ckpt_root, RANDOM[0]))
     names = {**{slug: RUNS[slug][0] for slug in runs}, RANDOM[0]: RANDOM[1]}
 
-    images = probe_set(config, data_dir)
+    with _timed("probe set", stage_seconds):
+        images = probe_set(config, data_dir)
     mesh = parallel.make_mesh()
     results = {}
     for slug, path in encoders.items():
         logging.info("probing %s on %s", names[slug], ", ".join(config.probe_attributes))
-        results[slug] = probe_encoder(config, path, images, mesh)
+        with _timed(f"probe {slug}", stage_seconds):
+            results[slug] = probe_encoder(config, path, images, mesh)
         if jax.process_index() == 0:
             fileio.write_json_atomic(os.path.join(workdir, "probe", f"{slug}.json"), results[slug])
 
@@ -283,6 +299,7 @@ def run(config, workdir: str) -> dict:
         "views_per_step": {names[slug]: _views_per_step(cfg) for slug, cfg in train_cfgs.items()},
         "figures": {key: os.path.basename(path) for key, path in figures.items()},
         "seconds": round(time.time() - start, 1),
+        "stage_seconds": stage_seconds,
     }
     if jax.process_index() == 0:
         fileio.write_json_atomic(os.path.join(workdir, "demo_results.json"), summary)
@@ -377,4 +394,5 @@ def _print_table(summary) -> None:
         print(f"  {name:22s} " + " ".join(f"{m['top1'][a]:10.1%}" for a in attributes)
               + f" {m['mean']:8.1%} {m['mean_all']:8.1%}")
     print(f"  (mean: over {', '.join(summary['mean_over'])})")
+    print("  stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["stage_seconds"].items()))
     print(f"done in {summary['seconds']} s; see report.md and demo_results.json")
