@@ -20,8 +20,8 @@ linear classifier on frozen features, and reports each and their mean.
 
 The jobs' own configs are nested here, built from their config files, so every field of the
 runs is one override away and nothing is copied by hand:
-  train    configs/stablerep.py:tiny with the demo's sizes: the StableRep run
-           (--config.train.model.depth=4, --config.train.total_steps=100, ...)
+  train    configs/stablerep.py:tiny with the demo's sizes: the StableRep run, 200 steps of 16
+           captions x 4 renders at 32px (--config.train.total_steps=300, ...)
   simclr   SimCLR on the synthetic set: every field follows `train` (an override of train.X
            changes every run) except its view layout (data.n_img=1, data.num_crop=2),
            batch_size (half of train's views per step in captions, so every run encodes as many
@@ -43,7 +43,8 @@ same captions (the toy renders stay the "real" photos):
   python -m stablerep_jax.demo --workdir=/tmp/sd_demo --config.generator=sd \
       --config.model=/models/stable-diffusion-v1-5
 
-Presets: `default` (about 5-10 minutes on 2 CPU cores) and `test` (a reduced size for the suite).
+Presets: `default` (under 5 minutes on one CPU device; benchmarks/RESULTS.md has the stage
+times) and `test` (a reduced size for the suite).
 `benchmarks/demo_study.py` runs the comparison over seeds and a base-lr grid.
 """
 import os
@@ -57,9 +58,9 @@ PRESETS = ("default", "test")
 CONFIGS_DIR = os.path.dirname(os.path.abspath(__file__))
 # SimCLR's own fields; all others follow `train`.
 SIMCLR_OWN = ("batch_size", "data.n_img", "data.num_crop", "optim.blr")
-# Each method's training base lr: the best of the grid 1.5e-3, 4.5e-3, 1.35e-2 on seed 0 of
-# `benchmarks/demo_study.py` (the README's study), so no method runs at another's lr.
-BLR = {"train": 1.5e-3, "simclr": 4.5e-3, "simclr_real": 1.35e-2}
+# Each method's training base lr: the best of the grid 1.5e-3, 4.5e-3, 1.35e-2, 4.05e-2 on seed 0
+# of `benchmarks/demo_study.py` (benchmarks/RESULTS.md), so no method runs at another's lr.
+BLR = {"train": 4.5e-3, "simclr": 1.35e-2, "simclr_real": 1.35e-2}
 
 
 def _job_config(name: str) -> ml_collections.ConfigDict:
@@ -71,12 +72,12 @@ def train_config(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
     t = _job_config("stablerep.py:tiny")
     t.seed = c.get_ref("seed").identity()
     t.batch_size = 16                   # captions per step (x data.n_img images)
-    t.total_steps = 300
+    t.total_steps = 200
     t.checkpoint_every = t.get_ref("total_steps").identity()
     t.log_every = 5
     t.data.n_img, t.data.num_crop = 4, 1   # all K renders of each caption: 4 positives
-    t.model.image_size = 48             # crop side fed to the ViT (data.image_size follows)
-    t.data.min_crop_scale = 0.3         # tiny objects vanish in 8% crops of 64px images
+    t.model.image_size = 32             # crop side fed to the ViT (data.image_size follows)
+    t.data.min_crop_scale = 0.3         # tiny objects vanish in 8% crops of 48px images
     t.model.variant = "tiny"            # ViT width 192, with the depth below
     t.model.depth = 4
     t.model.patch_size = 8
@@ -176,7 +177,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
 
     c.num_captions = 96 if preset == "test" else 384
     c.images_per_caption = 4                  # K rendered per caption
-    c.stored_size = 40 if preset == "test" else 64   # stored image side (pixels)
+    c.stored_size = 40 if preset == "test" else 48   # stored image side (pixels)
     c.sd = sd_config(c)
     # Where the encoders' orbax checkpoints go (default WORKDIR/<run>); set it when WORKDIR is
     # a URL that orbax cannot write (ram://).

@@ -48,8 +48,9 @@ SUMMARY_NAME = "summary.json"         # render throughput, in generate's summary
 PROBE_SETTINGS_NAME = "probe_settings.json"   # written first; `complete` set when all is written
 RENDERER_VERSION = 2          # bump when `render` changes what a seed draws
 
-# Object radius (circumradius) as a fraction of the image side, before per-object jitter: large
-# enough that a shape spans several ViT patches at the demo's 48px crops of 64px images.
+# Object radius (circumradius) as a fraction of the image side, before per-object jitter: in the
+# demo's 32px crops (8px patches) a small object spans about one patch in a whole-image crop and
+# more in a closer one, a large one about two.
 _RADIUS = {"small": (0.10, 0.125), "large": (0.18, 0.23)}
 
 
