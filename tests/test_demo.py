@@ -194,7 +194,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
                                        "SimCLR (real)": 32}
     assert saved["mean_over"] == ["shape", "color", "count", "size"]
     # Where the minutes went: every stage, once, each within the whole run's wall time.
-    assert list(saved["stage_seconds"]) == [
+    assert list(summary["stage_seconds"]) == [
         "data", "train stablerep", "train simclr_synthetic", "train simclr_real", "probe set",
         "probe stablerep", "probe simclr_synthetic", "probe simclr_real", "probe random_init"]
     assert 0 < sum(saved["stage_seconds"].values()) <= saved["seconds"] + 1

@@ -32,7 +32,9 @@ def test_demo_command_installs_and_runs_the_demo():
 def test_readme_commands_name_existing_modules_and_configs():
     text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     for module in set(re.findall(r"python -m stablerep_jax\.(\w+)", text)):
-        assert os.path.exists(os.path.join(REPO, "stablerep_jax", module + ".py")), module
+        path = os.path.join(REPO, "stablerep_jax", module)
+        assert (os.path.exists(path + ".py")
+                or os.path.exists(os.path.join(path, "__main__.py"))), module
     for config in set(re.findall(r"configs/(\w+\.py)", text)):
         assert os.path.exists(os.path.join(REPO, "configs", config)), config
 
