@@ -16,7 +16,8 @@ import tensorflow as tf
 from stablerep_jax.data import augment, records
 
 # A record's status, carried with it: what `parse_and_sample` found. Decoding failures are
-# found later, by the pipeline (`pipeline._decode_stage`), without parsing any error text.
+# found later by the pipeline (a record's marker arriving without it: `pipeline._with_markers`,
+# `pipeline._count_and_keep`), without parsing any error text.
 OK, UNREADABLE, TOO_FEW_IMAGES = 0, 1, 2
 _SAMPLE_SALT = 1
 _VIEW_SALT = 2
