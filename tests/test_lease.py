@@ -86,8 +86,16 @@ def test_the_heartbeat_keeps_a_live_lease_fresh_and_notices_a_takeover(tmp_path)
         assert _holder(tmp_path)["heartbeat"] > first        # rewritten by the thread
         with pytest.raises(lease.LeaseHeld):                 # fresh: refused
             lease.Lease(str(tmp_path), timeout_s=1.0, heartbeat_s=0.05).acquire()
-        theirs = _write_holder(tmp_path, host="new-vm", pid=7)   # someone took it over
-        time.sleep(0.3)
+        # Someone takes it over. The file has no compare-and-swap (the module docstring): a beat
+        # between its read and its write would overwrite a record written in that moment, so the
+        # takeover is written between two beats, under the lease's lock, as a real one lands
+        # almost always; the thread must then read it and stop writing.
+        with held._lock:
+            theirs = _write_holder(tmp_path, host="new-vm", pid=7)
+        deadline = time.monotonic() + 30
+        while held.lost_to is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)                                      # a few more beats' time
         assert _holder(tmp_path) == theirs                   # the thread did not overwrite it
         assert held.lost_to == theirs
         with pytest.raises(lease.LeaseLost, match="host 'new-vm', pid 7"):
