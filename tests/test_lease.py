@@ -79,13 +79,16 @@ def test_a_stale_lease_is_taken_over_and_the_old_holder_stops_naming_the_new_one
 
 
 def test_the_heartbeat_keeps_a_live_lease_fresh_and_notices_a_takeover(tmp_path):
-    held = lease.Lease(str(tmp_path), timeout_s=1.0, heartbeat_s=0.05).acquire()
+    # timeout_s is 100 beats: a busy CI machine stalling the thread must not make it look stale.
+    held = lease.Lease(str(tmp_path), timeout_s=5.0, heartbeat_s=0.05).acquire()
     try:
         first = _holder(tmp_path)["heartbeat"]
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while _holder(tmp_path)["heartbeat"] == first and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert _holder(tmp_path)["heartbeat"] > first        # rewritten by the thread
         with pytest.raises(lease.LeaseHeld):                 # fresh: refused
-            lease.Lease(str(tmp_path), timeout_s=1.0, heartbeat_s=0.05).acquire()
+            lease.Lease(str(tmp_path), timeout_s=5.0, heartbeat_s=0.05).acquire()
         # Someone takes it over. The file has no compare-and-swap (the module docstring): a beat
         # between its read and its write would overwrite a record written in that moment, so the
         # takeover is written between two beats, under the lease's lock, as a real one lands
