@@ -97,7 +97,7 @@ class Sizes:
 TINY = Sizes(variant="tiny", captions=2, views=2, image_size=32, depth=1, patch_size=8,
              mlp_dim=64, emb_dim=16, dtype="float32", steps=1, sd_size="tiny", gen_batch=2,
              gen_steps=2, gen_repeats=1, gen_resolution=32, gen_sweep="2,3",
-             attention_settings="xla:2", batch_captions="3")
+             attention_settings="xla:2,cudnn:64", batch_captions="3")
 
 
 def _args(argv=None):

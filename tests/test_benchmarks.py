@@ -316,6 +316,38 @@ def test_accelerator_run_writes_every_part_and_a_summary(tmp_path):
     assert summary["xla_memory_analysis_peak_bytes"] == memory["rows"][0]["peak"] > 0
     assert summary["results"]["generate"] == generate       # summary.json alone holds all
 
+    # The train levers, each part one train_levers.py process without TensorFlow.
+    profile = summary["results"]["levers:profile"]["profile"]
+    assert profile["platform"] == "cpu" and 0 < len(profile["top"]) <= 10
+    assert profile["op_ms_per_step"] > 0 and os.path.isfile(profile["xplane"])
+    shares = [op["share"] for op in profile["top"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    assert all(op["count"] >= 1 and op["ms_per_step"] > 0 for op in profile["top"])
+    assert "top 10 ops by device time" in (out / parts["levers:profile"]["log"]).read_text()
+
+    rows = summary["results"]["levers:batch"]["batch"]["rows"]      # one process per batch
+    assert [(r["captions"], r["images_per_step"]) for r in rows] == [(3, 6)]
+    assert "error" not in rows[0], rows[0]
+    assert rows[0]["images_per_s_per_chip"] > 0 and rows[0]["tflops_per_sec_per_chip"] > 0
+    assert rows[0]["mfu"] is None                  # no data-sheet peak for a CPU
+    assert rows[0]["xla_peak_bytes"] > 0 and rows[0]["allocator_peak_bytes"] is None
+    assert "| 3 x 2 | 6 |" in (out / parts["levers:batch"]["log"]).read_text()
+
+    flag_rows = {r["setting"]: r
+                 for r in summary["results"]["levers:xla_flags"]["xla_flags"]["rows"]}
+    assert list(flag_rows) == ["off", "job"]      # one process each, flags in its XLA_FLAGS
+    assert flag_rows["off"]["flags"] == [] and flag_rows["off"]["vs_off"] == 1.0
+    for flag in flag_rows["job"]["flags"]:
+        assert flag in flag_rows["job"]["xla_flags"]       # what that process's XLA read
+        assert flag not in flag_rows["off"]["xla_flags"]
+    assert flag_rows["job"]["images_per_s_per_chip"] > 0
+
+    kinds = {(r["attention"], r["attention_pad_to"]): r
+             for r in summary["results"]["levers:attention"]["attention"]["rows"]}
+    assert list(kinds) == [("xla", 2), ("cudnn", 64)]              # as asked, in order
+    assert kinds[("xla", 2)]["images_per_s_per_chip"] > 0
+    assert "bfloat16" in kinds[("cudnn", 64)]["skipped"]          # float32 on a CPU
+
 
 def _accelerator_module():
     import importlib.util
@@ -384,44 +416,6 @@ def _levers():
 
 
 @pytest.mark.slow
-def test_train_levers_measure_every_lever_without_tensorflow(tmp_path):
-    """--all --tiny in a process without TensorFlow: the profile's top ops, the per-chip batch
-    sweep (one process per batch), the job's XLA flags off and on (one process each, the flags
-    in that process's XLA_FLAGS) and the attention kinds; tables printed, JSON written."""
-    path = tmp_path / "levers.json"
-    out = _run("train_levers.py", "--all", "--tiny", "--json", str(path), without_tf=True)
-    result = json.loads(path.read_text())
-    profile = result["profile"]
-    assert profile["platform"] == "cpu" and 0 < len(profile["top"]) <= 10
-    assert profile["op_ms_per_step"] > 0 and os.path.isfile(profile["xplane"])
-    shares = [op["share"] for op in profile["top"]]
-    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
-    assert all(op["count"] >= 1 and op["ms_per_step"] > 0 for op in profile["top"])
-    assert "top 10 ops by device time" in out and "| 1 | " in out
-
-    rows = result["batch"]["rows"]
-    assert [(r["captions"], r["images_per_step"]) for r in rows] == [(2, 4), (4, 8)]
-    for r in rows:
-        assert "error" not in r, r
-        assert r["images_per_s_per_chip"] > 0 and r["tflops_per_sec_per_chip"] > 0
-        assert r["mfu"] is None                   # no data-sheet peak for a CPU
-        assert r["xla_peak_bytes"] > 0 and r["allocator_peak_bytes"] is None
-    assert "| 2 x 2 | 4 |" in out and "| 4 x 2 | 8 |" in out
-
-    flag_rows = {r["setting"]: r for r in result["xla_flags"]["rows"]}
-    assert list(flag_rows) == ["off", "job"]
-    assert flag_rows["off"]["flags"] == [] and flag_rows["off"]["vs_off"] == 1.0
-    for flag in flag_rows["job"]["flags"]:
-        assert flag in flag_rows["job"]["xla_flags"]       # what that process's XLA read
-        assert flag not in flag_rows["off"]["xla_flags"]
-    assert flag_rows["job"]["images_per_s_per_chip"] > 0
-
-    kinds = {(r["attention"], r["attention_pad_to"]): r for r in result["attention"]["rows"]}
-    assert kinds[("einsum", 1)]["images_per_s_per_chip"] > 0
-    assert kinds[("xla", 2)]["images_per_s_per_chip"] > 0
-    assert "bfloat16" in kinds[("cudnn", 64)]["skipped"]          # float32 on a CPU
-
-
 def test_train_levers_measure_and_profile_in_process(tmp_path):
     """The functions the subprocesses run: `measure` (MFU against a given peak) and
     `profile_step` (the top ops parsed from the .xplane.pb with jax.profiler's ProfileData)."""
